@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine (see README):
+#   make demo   builds .venv and runs the main job
+#   make test   builds .venv and runs lint + format check + the whole test suite
+# torch is installed first so DeepSpeed (an sdist that builds against the installed torch) can
+# be installed without build isolation instead of downloading a second torch into a build env.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install torch torchvision
+	$(BIN)/python -m pip install --no-build-isolation -e '.[dev,deepspeed]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/sdtrain smoke --config tiny-inpainting --out runs/smoke
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install -e '.[bench]'
+	$(BIN)/python bench/unet_step.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,24 @@
+"""Diffusion maths: the noise schedule, eps / v parameterisations, loss weighting, samplers.
+
+No Lightning imports here: everything is plain torch and can be used from any trainer or script.
+"""
+
+from sdtrain.diffusion.loss import diffusion_loss, min_snr_weights, sample_noise
+from sdtrain.diffusion.schedule import (
+    SCHEDULE_BUFFERS,
+    DiffusionConfig,
+    NoiseSchedule,
+    make_betas,
+    rescale_zero_terminal_snr,
+)
+
+__all__ = [
+    "SCHEDULE_BUFFERS",
+    "DiffusionConfig",
+    "NoiseSchedule",
+    "diffusion_loss",
+    "make_betas",
+    "min_snr_weights",
+    "rescale_zero_terminal_snr",
+    "sample_noise",
+]

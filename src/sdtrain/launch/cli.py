@@ -1,0 +1,206 @@
+"""The ``sdtrain`` command: one entry point, one subcommand per job.
+
+Subcommands so far: ``smoke`` (the end-to-end check that the models work), ``config`` (validate and
+print a resolved config) and ``checkpoint inspect|convert`` (original-layout files). Training,
+sampling, export, data and SLURM subcommands arrive with their issues.
+
+Exit codes: 0 ok, 2 usage or config error, 1 run failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sdtrain.config.errors import ConfigError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def configs_dir() -> Path:
+    """The shipped ``configs/`` folder (beside ``src/`` in a checkout or editable install)."""
+    return Path(__file__).resolve().parents[3] / "configs"
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path as given, or a shipped model config by short name (``tiny-base``, ``sd15``, ...)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    shipped = configs_dir() / "models" / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    choices = sorted(p.stem for p in (configs_dir() / "models").glob("*.yaml"))
+    raise ConfigError(
+        f"no config file {name!r} and no shipped model config of that name ({choices})"
+    )
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default: Sequence[str] = ()) -> None:
+    parser.add_argument(
+        "--config",
+        nargs="+",
+        default=list(default),
+        metavar="YAML",
+        help="config files merged in order (paths, or shipped model names such as tiny-base, "
+        "sd15, sd15-inpainting, sd2-base, sd2-v, sd2-inpainting, sd2-depth)"
+        + (f"; default: {' '.join(default)}" if default else ""),
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="overrides applied after the files, e.g. model.diffusion.parameterization=v seed=3",
+    )
+
+
+def _load(args: argparse.Namespace):
+    from sdtrain.config.loader import load_config
+
+    # `--config a.yaml k=v` puts the overrides into --config's list: split them off again.
+    files = [item for item in args.config if "=" not in item]
+    overrides = [item for item in args.config if "=" in item] + list(args.overrides)
+    if not files:
+        raise ConfigError("no config given: pass --config FILE [FILE ...]")
+    return load_config([resolve_config_path(p) for p in files], overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from sdtrain.config.loader import to_yaml
+
+    cfg = _load(args)
+    print(to_yaml(cfg), end="")
+    return EXIT_OK
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    from sdtrain.launch.smoke import run_smoke
+
+    cfg = _load(args)
+    run_smoke(cfg, out_dir=Path(args.out), image_path=args.image, prompt=args.prompt)
+    return EXIT_OK
+
+
+def cmd_checkpoint_inspect(args: argparse.Namespace) -> int:
+    from sdtrain.models.checkpoint import read_checkpoint, summarize
+
+    print(summarize(read_checkpoint(args.path)))
+    return EXIT_OK
+
+
+def cmd_checkpoint_convert(args: argparse.Namespace) -> int:
+    from sdtrain.models.checkpoint import read_checkpoint, widen_input_channels, write_checkpoint
+
+    ckpt = read_checkpoint(args.src)
+    if not ckpt.unet:
+        raise ConfigError(f"{args.src} holds no UNet weights (model.diffusion_model.*)")
+    unet, ema = ckpt.unet, (ckpt.ema or None) if args.ema else None
+    if args.in_channels:
+        unet = widen_input_channels(unet, args.in_channels)
+        ema = widen_input_channels(ema, args.in_channels) if ema else None
+    out = write_checkpoint(
+        args.dst,
+        unet=unet,
+        vae=ckpt.vae or None,
+        text=ckpt.text or None,
+        ema=ema,
+        schedule=ckpt.schedule or None,
+        global_step=ckpt.global_step,
+    )
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdtrain",
+        description="Train Stable Diffusion base and inpainting checkpoints "
+        "(key-for-key compatible with the original .ckpt files).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    smoke = sub.add_parser(
+        "smoke",
+        help="build a configured model, encode an image, run one denoising step, decode it",
+        description="End-to-end check of the models on CPU: build the configured (by default "
+        "tiny, randomly initialised) model, encode an image with the autoencoder, noise it, run "
+        "the UNet once with the prompt's text features and write the decoded images.",
+    )
+    _add_config_args(smoke, default=["tiny-base"])
+    smoke.add_argument("--out", default="runs/smoke", help="output folder (default: runs/smoke)")
+    smoke.add_argument("--image", default=None, help="input image (default: a drawn test scene)")
+    smoke.add_argument(
+        "--prompt",
+        default="a red circle above a blue square on a white background",
+        help="prompt for the text encoder",
+    )
+    smoke.set_defaults(func=cmd_smoke)
+
+    config = sub.add_parser(
+        "config",
+        help="validate config files + overrides and print the resolved config",
+        description="Merge the config files in order, apply key=value overrides, check the "
+        "result against the schema and print it as YAML.",
+    )
+    _add_config_args(config)
+    config.set_defaults(func=cmd_config)
+
+    ckpt = sub.add_parser("checkpoint", help="inspect or convert original-layout checkpoints")
+    ckpt_sub = ckpt.add_subparsers(dest="action", required=True, metavar="ACTION")
+    inspect = ckpt_sub.add_parser(
+        "inspect", help="list the parts of a .ckpt / .safetensors file (UNet, VAE, text, EMA)"
+    )
+    inspect.add_argument("path", help="checkpoint file")
+    inspect.set_defaults(func=cmd_checkpoint_inspect)
+    convert = ckpt_sub.add_parser(
+        "convert",
+        help="rewrite a checkpoint (.ckpt <-> .safetensors), optionally widening the UNet input",
+        description="Read an original-layout checkpoint (never executing pickled code) and write "
+        "it in the original layout to DST; the suffix of DST picks the format.",
+    )
+    convert.add_argument("src", help="input .ckpt or .safetensors")
+    convert.add_argument("dst", help="output .ckpt or .safetensors (written atomically)")
+    convert.add_argument(
+        "--in-channels",
+        type=int,
+        default=0,
+        help="widen the UNet input conv to this many channels (9 inpainting, 5 depth) with "
+        "zero-initialised extra channels, EMA too",
+    )
+    convert.add_argument(
+        "--no-ema", dest="ema", action="store_false", help="leave the EMA weights out"
+    )
+    convert.set_defaults(func=cmd_checkpoint_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code."""
+    from sdtrain.models.checkpoint import CheckpointError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"sdtrain: config error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except CheckpointError as err:
+        print(f"sdtrain: checkpoint error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

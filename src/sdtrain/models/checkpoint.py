@@ -1,0 +1,643 @@
+"""Read and write checkpoints in the original Stable Diffusion layout (`.ckpt` and `.safetensors`).
+
+The original `LatentDiffusion` saves one flat state dict: the UNet under `model.diffusion_model.`,
+the VAE under `first_stage_model.`, the text tower under `cond_stage_model.`, the EMA copy of the
+UNet under `model_ema.` with flattened names, and the 12 noise-schedule buffers without a prefix.
+This module turns such a file into plain per-part tensor dicts (keys without prefix) and back. It
+knows nothing about our model classes: they hand in and receive `dict[str, Tensor]`.
+
+Safety rules kept everywhere here:
+- pickles are only ever opened with `weights_only=True`; a file that needs code is refused;
+- writes are atomic, so a crash never leaves a half-written checkpoint under the final name;
+- loading into a module checks every key and shape first, so nothing loads partially.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import secrets
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+PathLike = str | os.PathLike[str]
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model."
+EMA_PREFIX = "model_ema."
+# LitEma names each shadow buffer after the parameter's full name inside `self.model`
+# (a DiffusionWrapper), i.e. `diffusion_model.<unet key>`, with every dot removed.
+EMA_UNET_STEM = "diffusion_model"
+EMA_META_KEYS = ("decay", "num_updates")
+
+# In the order `DDPM.register_schedule` registers them, which is the order they are saved in.
+SCHEDULE_BUFFERS: tuple[str, ...] = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+
+UNET_INPUT_CONV = "input_blocks.0.0.weight"
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
+SAFETENSORS_SUFFIX = ".safetensors"
+# Reserved safetensors metadata keys: `format` is what the safetensors/diffusers tools expect,
+# `global_step` carries the step the `.ckpt` keeps as a top-level field.
+_FORMAT_KEY = "format"
+_STEP_KEY = "global_step"
+# Top-level `.ckpt` field for our string metadata (the resolved config), next to `state_dict`.
+_CKPT_METADATA_KEY = "metadata"
+_MAX_LISTED = 5
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, written or loaded; the message names the file."""
+
+    def __init__(self, message: str, path: PathLike | None = None) -> None:
+        self.message = message
+        self.path = None if path is None else str(path)
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+    def at(self, path: PathLike) -> CheckpointError:
+        """Return the same error attributed to ``path`` (for helpers that do not know the file)."""
+        return CheckpointError(self.message, path)
+
+
+@dataclass
+class OriginalCheckpoint:
+    """One original-layout checkpoint split into its parts; every key is without its prefix."""
+
+    path: Path | None
+    unet: dict[str, Tensor] = field(default_factory=dict)
+    """`model.diffusion_model.*`, e.g. `input_blocks.0.0.weight`."""
+    vae: dict[str, Tensor] = field(default_factory=dict)
+    """`first_stage_model.*`, e.g. `encoder.conv_in.weight`."""
+    text: dict[str, Tensor] = field(default_factory=dict)
+    """`cond_stage_model.*`: `transformer.text_model.*` (SD1) or `model.*` (SD2)."""
+    ema: dict[str, Tensor] = field(default_factory=dict)
+    """EMA copy of the UNet, de-flattened to UNet keys."""
+    ema_meta: dict[str, Tensor] = field(default_factory=dict)
+    """`model_ema.decay` (float32 scalar) and `model_ema.num_updates` (int32 scalar)."""
+    schedule: dict[str, Tensor] = field(default_factory=dict)
+    """The noise-schedule buffers named in `SCHEDULE_BUFFERS`."""
+    other: dict[str, Tensor] = field(default_factory=dict)
+    """Anything else, under its full key (e.g. a stray non-persistent `lvlb_weights`)."""
+    global_step: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    """safetensors header metadata, or the `metadata` field of a `.ckpt` written by us."""
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA names
+# ---------------------------------------------------------------------------------------------
+
+
+def flatten_ema_key(unet_key: str) -> str:
+    """LitEma buffer name for a UNet key, without `model_ema.`.
+
+    `input_blocks.0.0.weight` -> `diffusion_modelinput_blocks00weight`.
+    """
+    return EMA_UNET_STEM + unet_key.replace(".", "")
+
+
+def ema_name_map(unet_keys: Iterable[str]) -> dict[str, str]:
+    """Map flattened EMA names back to UNet keys; two keys that flatten alike are an error.
+
+    Removing dots loses information, so the inverse only exists relative to a known key list.
+    """
+    mapping: dict[str, str] = {}
+    for key in unet_keys:
+        flat = flatten_ema_key(key)
+        if flat in mapping and mapping[flat] != key:
+            raise CheckpointError(
+                f"UNet keys {mapping[flat]!r} and {key!r} both flatten to the EMA name "
+                f"{flat!r}, so EMA weights cannot be told apart"
+            )
+        mapping[flat] = key
+    return mapping
+
+
+def flatten_ema(ema: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """UNet-keyed EMA dict -> LitEma-named dict (without `model_ema.`)."""
+    ema_name_map(ema)  # refuse keys that would overwrite each other on disk
+    return {flatten_ema_key(key): value for key, value in ema.items()}
+
+
+def deflatten_ema(flat: Mapping[str, Tensor], unet_keys: Iterable[str]) -> dict[str, Tensor]:
+    """LitEma-named dict (without `model_ema.`) -> UNet-keyed dict, using ``unet_keys``."""
+    mapping = ema_name_map(unet_keys)
+    unknown = [name for name in flat if name not in mapping]
+    if unknown:
+        raise CheckpointError(
+            f"{len(unknown)} EMA name(s) match no UNet key: {_listed(unknown)}"
+            + ("" if mapping else " (no UNet key list was available to de-flatten EMA names)")
+        )
+    return {mapping[name]: value for name, value in flat.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(
+    path: PathLike, *, unet_keys: Iterable[str] | None = None
+) -> OriginalCheckpoint:
+    """Read an original-layout `.ckpt`/`.pt`/`.pth` or `.safetensors` file into its parts.
+
+    ``unet_keys`` helps de-flatten EMA names when the file holds EMA weights but no UNet;
+    the file's own UNet keys are always used as well.
+    """
+    path = Path(path)
+    _check_readable(path)
+    suffix = path.suffix.lower()
+    if suffix in TORCH_SUFFIXES:
+        state_dict, global_step, metadata = _read_torch(path)
+    elif suffix == SAFETENSORS_SUFFIX:
+        state_dict, metadata = _read_safetensors(path)
+        global_step = _parse_step(metadata.get(_STEP_KEY))
+    else:
+        raise CheckpointError(
+            f"unknown checkpoint suffix {path.suffix!r}; expected one of "
+            f"{', '.join((*TORCH_SUFFIXES, SAFETENSORS_SUFFIX))}",
+            path,
+        )
+    try:
+        return split_original_state_dict(
+            state_dict,
+            path=path,
+            global_step=global_step,
+            metadata=metadata,
+            unet_keys=unet_keys,
+        )
+    except CheckpointError as err:
+        raise err.at(path) from None
+
+
+def split_original_state_dict(
+    state_dict: Mapping[str, Tensor],
+    *,
+    path: Path | None = None,
+    global_step: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+    unet_keys: Iterable[str] | None = None,
+) -> OriginalCheckpoint:
+    """Split a flat original-layout state dict by prefix (see the module docstring)."""
+    ckpt = OriginalCheckpoint(path=path, global_step=global_step, metadata=dict(metadata or {}))
+    ema_flat: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            raise CheckpointError(f"entry {key!r} is a {type(value).__name__}, not a tensor")
+        if key.startswith(UNET_PREFIX):
+            ckpt.unet[key.removeprefix(UNET_PREFIX)] = value
+        elif key.startswith(VAE_PREFIX):
+            ckpt.vae[key.removeprefix(VAE_PREFIX)] = value
+        elif key.startswith(TEXT_PREFIX):
+            ckpt.text[key.removeprefix(TEXT_PREFIX)] = value
+        elif key.startswith(EMA_PREFIX):
+            name = key.removeprefix(EMA_PREFIX)
+            target = ckpt.ema_meta if name in EMA_META_KEYS else ema_flat
+            target[name] = value
+        elif key in SCHEDULE_BUFFERS:
+            ckpt.schedule[key] = value
+        else:
+            ckpt.other[key] = value
+    if ema_flat:
+        known = [*ckpt.unet, *(unet_keys or ())]
+        ckpt.ema = deflatten_ema(ema_flat, dict.fromkeys(known))
+    return ckpt
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError("file not found", path)
+    if not path.is_file():
+        raise CheckpointError("not a regular file", path)
+    if path.stat().st_size == 0:
+        raise CheckpointError("file is empty (0 bytes); it was probably not written fully", path)
+
+
+def _read_torch(path: Path) -> tuple[dict[str, Tensor], int | None, dict[str, str]]:
+    obj = _torch_load(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        state_dict = dict(obj["state_dict"])
+        global_step = _as_step(obj.get("global_step"))
+        raw_meta = obj.get(_CKPT_METADATA_KEY)
+        metadata = _string_dict(raw_meta) if isinstance(raw_meta, Mapping) else {}
+        return state_dict, global_step, metadata
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return dict(obj), None, {}
+    raise CheckpointError(
+        f"holds a {type(obj).__name__} without a 'state_dict' entry and is not a flat dict of "
+        "tensors, so it is not a Stable Diffusion checkpoint",
+        path,
+    )
+
+
+def _torch_load(path: Path) -> object:
+    # mmap avoids holding a second copy of a multi-GB file in RAM; only zip files support it.
+    use_mmap = zipfile.is_zipfile(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except pickle.UnpicklingError as err:
+        raise _pickle_refusal(path, err) from None
+    except Exception as err:  # torch surfaces corruption as RuntimeError, EOFError, KeyError...
+        raise CheckpointError(
+            f"cannot be read, the file is truncated or corrupt ({type(err).__name__}: "
+            f"{_first_line(err)})",
+            path,
+        ) from err
+
+
+def _pickle_refusal(path: Path, err: pickle.UnpicklingError) -> CheckpointError:
+    # weights_only reports both forbidden globals and unreadable opcodes as UnpicklingError;
+    # only the former means the file wants to run code.
+    advice = (
+        "We never execute pickled code (torch.load weights_only=True). If the file comes from "
+        "a source you trust, convert it to .safetensors with a trusted tool and load that."
+    )
+    match = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if match:
+        return CheckpointError(
+            f"refusing to load: unpickling it would import and run {match.group(1)!r}. {advice}",
+            path,
+        )
+    detail = _first_line(str(err).split("WeightsUnpickler error:")[-1])
+    return CheckpointError(
+        f"cannot be read: its pickle is corrupt or was not written by torch.save ({detail}). "
+        + advice,
+        path,
+    )
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            # safe_open handles are not iterable, hence .keys().
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (safetensors.SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(
+            f"cannot be read as safetensors, the file is truncated or corrupt "
+            f"({type(err).__name__}: {_first_line(err)})",
+            path,
+        ) from err
+    return tensors, metadata
+
+
+def _parse_step(text: str | None) -> int | None:
+    try:
+        return None if text is None else int(text)
+    except ValueError:
+        return None
+
+
+def _as_step(value: object) -> int | None:
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+        return int(value.item())
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _string_dict(raw: Mapping[object, object]) -> dict[str, str]:
+    return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def build_original_state_dict(
+    *,
+    unet: Mapping[str, Tensor],
+    vae: Mapping[str, Tensor] | None = None,
+    text: Mapping[str, Tensor] | None = None,
+    ema: Mapping[str, Tensor] | None = None,
+    schedule: Mapping[str, Tensor] | None = None,
+    ema_decay: float = 0.9999,
+    ema_num_updates: int = 0,
+) -> dict[str, Tensor]:
+    """Join unprefixed parts into one flat original-layout state dict.
+
+    The order is the one `LatentDiffusion.state_dict()` produces: schedule buffers (registered on
+    the top module), then `model`, `model_ema`, `first_stage_model`, `cond_stage_model`.
+    """
+    schedule = schedule or {}
+    unknown = [name for name in schedule if name not in SCHEDULE_BUFFERS]
+    if unknown:
+        raise CheckpointError(f"unknown schedule buffer name(s): {_listed(unknown)}")
+    out: dict[str, Tensor] = {name: schedule[name] for name in SCHEDULE_BUFFERS if name in schedule}
+    out.update(_prefixed(UNET_PREFIX, unet))
+    if ema is not None:
+        _check_ema_matches_unet(ema, unet)
+        out[EMA_PREFIX + "decay"] = torch.tensor(ema_decay, dtype=torch.float32)
+        out[EMA_PREFIX + "num_updates"] = torch.tensor(ema_num_updates, dtype=torch.int32)
+        out.update(_prefixed(EMA_PREFIX, flatten_ema(ema)))
+    out.update(_prefixed(VAE_PREFIX, vae or {}))
+    out.update(_prefixed(TEXT_PREFIX, text or {}))
+    return out
+
+
+def write_checkpoint(
+    path: PathLike,
+    *,
+    unet: Mapping[str, Tensor],
+    vae: Mapping[str, Tensor] | None = None,
+    text: Mapping[str, Tensor] | None = None,
+    ema: Mapping[str, Tensor] | None = None,
+    schedule: Mapping[str, Tensor] | None = None,
+    global_step: int | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
+    ema_decay: float = 0.9999,
+    ema_num_updates: int = 0,
+) -> Path:
+    """Atomically write an original-layout checkpoint; the suffix picks `.ckpt` or safetensors.
+
+    `.ckpt`/`.pt`/`.pth` hold `{"state_dict", "global_step", "metadata"}` with only tensors,
+    ints and strings, so `torch.load(weights_only=True)` opens them. `.safetensors` is flat, with
+    `global_step` and ``extra_metadata`` as string metadata.
+    """
+    path = Path(path)
+    try:
+        state_dict = build_original_state_dict(
+            unet=unet,
+            vae=vae,
+            text=text,
+            ema=ema,
+            schedule=schedule,
+            ema_decay=ema_decay,
+            ema_num_updates=ema_num_updates,
+        )
+        metadata = _check_metadata(extra_metadata)
+    except CheckpointError as err:
+        raise err.at(path) from None
+    suffix = path.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        if global_step is not None:
+            metadata[_STEP_KEY] = str(int(global_step))
+        return write_weights_safetensors(path, state_dict, metadata)
+    if suffix not in TORCH_SUFFIXES:
+        raise CheckpointError(f"unknown checkpoint suffix {path.suffix!r}", path)
+    payload: dict[str, object] = {"state_dict": _prepare_tensors(state_dict, path)}
+    if global_step is not None:
+        payload["global_step"] = int(global_step)
+    if metadata:
+        payload[_CKPT_METADATA_KEY] = metadata
+    return _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def write_weights_safetensors(
+    path: PathLike, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Atomically write a flat dict of tensors (keys kept as given) as `.safetensors`."""
+    path = Path(path)
+    try:
+        header = {_FORMAT_KEY: "pt", **_check_metadata(metadata)}
+    except CheckpointError as err:
+        raise err.at(path) from None
+    tensors = _prepare_tensors(state_dict, path)
+    return _atomic_write(
+        path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=header)
+    )
+
+
+def _prefixed(prefix: str, part: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {prefix + key: value for key, value in part.items()}
+
+
+def _check_ema_matches_unet(ema: Mapping[str, Tensor], unet: Mapping[str, Tensor]) -> None:
+    # Reading de-flattens EMA names against the UNet keys, so anything else would not round-trip.
+    ema_name_map(unet)
+    orphans = [key for key in ema if key not in unet]
+    if orphans:
+        raise CheckpointError(f"EMA key(s) with no UNet counterpart: {_listed(orphans)}")
+    wrong = [
+        f"{key} ema {list(value.shape)} vs unet {list(unet[key].shape)}"
+        for key, value in ema.items()
+        if value.shape != unet[key].shape
+    ]
+    if wrong:
+        raise CheckpointError(f"EMA shape(s) differ from the UNet: {_listed(wrong)}")
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    out = dict(metadata or {})
+    bad = [
+        key for key, value in out.items() if not isinstance(key, str) or not isinstance(value, str)
+    ]
+    if bad:
+        raise CheckpointError(f"metadata keys and values must be strings: {_listed(bad)}")
+    return out
+
+
+def _prepare_tensors(state_dict: Mapping[str, Tensor], path: Path) -> dict[str, Tensor]:
+    """Detached, contiguous CPU tensors, none sharing storage with another.
+
+    safetensors refuses shared or overlapping storage, and torch.save would write the whole
+    storage behind a small view (e.g. a slice of a flat FSDP/EMA buffer).
+    """
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            raise CheckpointError(f"entry {key!r} is a {type(value).__name__}, not a tensor", path)
+        if value.is_meta:
+            raise CheckpointError(f"entry {key!r} is on the meta device and has no data", path)
+        tensor = value.detach().cpu().contiguous()
+        storage = tensor.untyped_storage()
+        whole = storage.nbytes() == tensor.numel() * tensor.element_size()
+        if storage.data_ptr() in seen or not whole:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
+    """Write via a temp file in the same folder, fsync, then rename over ``path``.
+
+    `os.replace` within one filesystem is atomic, so readers see the old file or the new one.
+    """
+    if not path.parent.is_dir():
+        raise CheckpointError(f"folder {str(path.parent)!r} does not exist", path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666 honours the umask, unlike mkstemp's private 0o600.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, Exception) and not isinstance(err, CheckpointError):
+            raise CheckpointError(
+                f"writing failed ({type(err).__name__}: {_first_line(err)}); "
+                "any previous file at this path is unchanged",
+                path,
+            ) from err
+        raise
+    # Make the rename itself durable; some filesystems cannot fsync a folder, which is harmless.
+    with contextlib.suppress(OSError):
+        _fsync(path.parent)
+    return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapting and loading
+# ---------------------------------------------------------------------------------------------
+
+
+def widen_input_channels(
+    unet_sd: Mapping[str, Tensor], in_channels: int, key: str = UNET_INPUT_CONV
+) -> dict[str, Tensor]:
+    """Return a copy whose input conv takes ``in_channels``: old channels kept, new ones zero.
+
+    Zero weights for the extra inputs (mask, masked image, depth) make the widened UNet compute
+    exactly what the base UNet did, which is how the original inpainting model was initialised.
+    Works the same on a UNet-keyed EMA dict.
+    """
+    if key not in unet_sd:
+        raise CheckpointError(f"no {key!r} in the state dict to widen")
+    weight = unet_sd[key]
+    if weight.ndim != 4:
+        raise CheckpointError(f"{key!r} has shape {list(weight.shape)}, expected a 4-D conv weight")
+    old = weight.shape[1]
+    if in_channels < old:
+        raise CheckpointError(
+            f"cannot narrow {key!r} from {old} to {in_channels} input channels: "
+            "that would drop trained weights"
+        )
+    out = dict(unet_sd)
+    if in_channels > old:
+        wide = weight.new_zeros((weight.shape[0], in_channels, *weight.shape[2:]))
+        wide[:, :old] = weight
+        out[key] = wide
+    return out
+
+
+def load_state_dict_strict(
+    module: nn.Module, sd: Mapping[str, Tensor], *, source: str, what: str
+) -> None:
+    """Load ``sd`` into ``module`` after checking every key and shape; never loads partially.
+
+    Non-persistent buffers are not expected in ``sd``; if the file still has one (the SD1 text
+    tower's legacy `position_ids`), that entry is dropped. A module on the meta device gets the
+    file's tensors assigned instead of copied.
+    """
+    expected = module.state_dict()
+    non_persistent = {name for name, _ in module.named_buffers()} - expected.keys()
+    given = {k: v for k, v in sd.items() if k in expected or k not in non_persistent}
+    problems = _mismatches(expected, given)
+    if problems:
+        raise CheckpointError(
+            f"{what} weights do not match the model: {'; '.join(problems)}", source
+        )
+    on_meta = any(t.is_meta for t in expected.values())
+    try:
+        module.load_state_dict(given, strict=True, assign=on_meta)
+    except RuntimeError as err:
+        raise CheckpointError(f"{what} weights failed to load: {err}", source) from err
+
+
+def _mismatches(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> list[str]:
+    wrong_keys = [k for k, v in given.items() if k in expected and v.shape != expected[k].shape]
+    missing = [f"{k} {_shape(v)}" for k, v in expected.items() if k not in given]
+    unexpected = [f"{k} {_shape(v)}" for k, v in given.items() if k not in expected]
+    wrong = [f"{k} file {_shape(given[k])} vs model {_shape(expected[k])}" for k in wrong_keys]
+    problems = [
+        f"{len(items)} {label}: {_listed(items)}"
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("with the wrong shape", wrong),
+        )
+        if items
+    ]
+    if any(k.endswith(UNET_INPUT_CONV) for k in wrong_keys):
+        problems.append("a base UNet can feed an inpainting/depth one via widen_input_channels()")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------
+
+
+def summarize(ckpt: OriginalCheckpoint) -> str:
+    """A few lines per part (tensor and value counts, dtypes) for `sdtrain inspect`."""
+    step = "" if ckpt.global_step is None else f"  global_step {ckpt.global_step}"
+    lines = [f"{ckpt.path}{step}"]
+    parts = {
+        "unet": ckpt.unet,
+        "vae": ckpt.vae,
+        "text": ckpt.text,
+        "ema": ckpt.ema,
+        "ema_meta": ckpt.ema_meta,
+        "schedule": ckpt.schedule,
+        "other": ckpt.other,
+    }
+    for name, part in parts.items():
+        numel = sum(t.numel() for t in part.values())
+        dtypes = ",".join(sorted({str(t.dtype).removeprefix("torch.") for t in part.values()}))
+        lines.append(f"  {name:<9}{len(part):>6} tensors {numel:>15,} values  {dtypes}")
+    lines.extend(f"  {hint}" for hint in _hints(ckpt))
+    return "\n".join(lines)
+
+
+def _hints(ckpt: OriginalCheckpoint) -> list[str]:
+    hints = []
+    if UNET_INPUT_CONV in ckpt.unet and ckpt.unet[UNET_INPUT_CONV].ndim == 4:
+        hints.append(f"unet in_channels: {ckpt.unet[UNET_INPUT_CONV].shape[1]}")
+    if any(k.startswith("transformer.text_model.") for k in ckpt.text):
+        hints.append("text tower: CLIP (SD1 layout)")
+    elif any(k.startswith("model.") for k in ckpt.text):
+        hints.append("text tower: OpenCLIP (SD2 layout)")
+    for name, value in ckpt.ema_meta.items():
+        if value.numel() == 1:
+            hints.append(f"ema {name}: {value.item()}")
+    if ckpt.other:
+        hints.append(f"other keys: {_listed(list(ckpt.other))}")
+    if ckpt.metadata:
+        hints.append(f"metadata keys: {_listed(list(ckpt.metadata))}")
+    return hints
+
+
+def _shape(tensor: Tensor) -> str:
+    return str(list(tensor.shape))
+
+
+def _listed(items: list[str]) -> str:
+    shown = ", ".join(str(item) for item in items[:_MAX_LISTED])
+    more = len(items) - _MAX_LISTED
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _first_line(err: BaseException | str) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else repr(err)

@@ -1,0 +1,193 @@
+"""The four parts of a Stable Diffusion model together, and their bridge to original checkpoints.
+
+``StableDiffusion`` holds the trainable UNet, the frozen autoencoder and text encoder and the noise
+schedule built from one ``ModelConfig``. It loads an original-layout checkpoint part by part
+(strict, with errors naming the file and the keys), widening a 4-channel UNet to the configured
+5 or 9 input channels with zero-initialised extra channels, and gives its weights back in the
+original layout. Base, inpainting and depth models differ only in what ``unet_input`` concatenates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from sdtrain.diffusion.schedule import NoiseSchedule
+from sdtrain.models.autoencoder import AutoencoderKL
+from sdtrain.models.checkpoint import (
+    UNET_INPUT_CONV,
+    CheckpointError,
+    OriginalCheckpoint,
+    load_state_dict_strict,
+    widen_input_channels,
+)
+from sdtrain.models.text_encoders import FrozenTextEncoder, TextStateDictError
+from sdtrain.models.unet import UNetModel
+
+if TYPE_CHECKING:
+    from sdtrain.config.schema import ModelConfig
+
+
+@dataclass
+class LoadReport:
+    """What ``StableDiffusion.load_original`` took from a checkpoint."""
+
+    loaded: list[str] = field(default_factory=list)
+    """Parts loaded: any of "unet", "vae", "text"."""
+    widened_from: int | None = None
+    """The checkpoint UNet's input channels when it was widened, else None."""
+    ema: dict[str, torch.Tensor] | None = None
+    """The checkpoint's EMA UNet weights (widened like the UNet), for the trainer's EMA."""
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """No gradients and eval mode, for the frozen first stage."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+class StableDiffusion(nn.Module):
+    """UNet (trainable), autoencoder and text encoder (frozen), schedule: one model config."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.unet = UNetModel(cfg.unet)
+        self.autoencoder = freeze(AutoencoderKL(cfg.autoencoder))
+        self.text_encoder = FrozenTextEncoder(cfg.text_encoder)
+        self.schedule = NoiseSchedule(cfg.diffusion)
+
+    def train(self, mode: bool = True) -> StableDiffusion:
+        """Only the UNet ever trains; the first stage and text encoder stay in eval mode."""
+        self.training = mode
+        self.unet.train(mode)
+        return self
+
+    # --- latents and conditioning -----------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+    ) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8).
+
+        ``sample`` draws from the posterior as the original training does; False takes its mean.
+        """
+        posterior = self.autoencoder.encode(images)
+        latents = posterior.sample(generator) if sample else posterior.mode()
+        return latents * self.config.autoencoder.scale_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] (clamped)."""
+        return self.autoencoder.decode(latents / self.config.autoencoder.scale_factor).clamp(-1, 1)
+
+    def conditioning_channels(
+        self,
+        latents_hw: tuple[int, int],
+        mask: torch.Tensor | None = None,
+        masked_image_latents: torch.Tensor | None = None,
+        depth: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """The channels concatenated after the noisy latents, at latent size.
+
+        inpainting: mask (B, 1, H, W) resized nearest + masked-image latents (B, 4, h, w);
+        depth: depth (B, 1, H, W) resized bicubic; txt2img: None.
+        """
+        kind = self.config.conditioning
+        if kind == "txt2img":
+            return None
+        if kind == "inpainting":
+            if mask is None or masked_image_latents is None:
+                raise ValueError("an inpainting model needs mask and masked_image_latents")
+            small = nn.functional.interpolate(mask.float(), size=latents_hw, mode="nearest")
+            return torch.cat([small.to(masked_image_latents.dtype), masked_image_latents], dim=1)
+        if depth is None:
+            raise ValueError("a depth model needs a depth map")
+        return nn.functional.interpolate(depth.float(), size=latents_hw, mode="bicubic")
+
+    def unet_input(self, noisy: torch.Tensor, conditioning: torch.Tensor | None) -> torch.Tensor:
+        """cat([noisy latents, conditioning]) along channels, as the original ``hybrid`` mode."""
+        if conditioning is None:
+            return noisy
+        return torch.cat([noisy, conditioning.to(noisy.dtype)], dim=1)
+
+    # --- original checkpoints ---------------------------------------------------------------
+
+    def load_original(
+        self, ckpt: OriginalCheckpoint, parts: tuple[str, ...] = ("unet", "vae", "text")
+    ) -> LoadReport:
+        """Load the requested parts strictly; widen a narrower UNet input conv with zeros."""
+        source = str(ckpt.path) if ckpt.path is not None else "<state dict>"
+        report = LoadReport()
+        for part in parts:
+            weights = {"unet": ckpt.unet, "vae": ckpt.vae, "text": ckpt.text}[part]
+            if not weights:
+                raise CheckpointError(f"has no {part} weights", source)
+        if "unet" in parts:
+            unet_sd, report.widened_from = self._fit_input_channels(ckpt.unet, source)
+            load_state_dict_strict(self.unet, unet_sd, source=source, what="UNet")
+            if ckpt.ema:
+                report.ema, _ = self._fit_input_channels(ckpt.ema, source)
+            report.loaded.append("unet")
+        if "vae" in parts:
+            load_state_dict_strict(self.autoencoder, ckpt.vae, source=source, what="autoencoder")
+            report.loaded.append("vae")
+        if "text" in parts:
+            try:
+                self.text_encoder.load_original_state_dict(ckpt.text)
+            except TextStateDictError as err:
+                raise CheckpointError(f"text encoder: {err}", source) from err
+            report.loaded.append("text")
+        self._check_schedule(ckpt.schedule, source)
+        return report
+
+    def _fit_input_channels(
+        self, unet_sd: dict[str, torch.Tensor], source: str
+    ) -> tuple[dict[str, torch.Tensor], int | None]:
+        want = self.config.unet.in_channels
+        weight = unet_sd.get(UNET_INPUT_CONV)
+        if weight is None or weight.ndim != 4 or weight.shape[1] == want:
+            return unet_sd, None
+        try:
+            return widen_input_channels(unet_sd, want), int(weight.shape[1])
+        except CheckpointError as err:
+            raise err.at(source) from None
+
+    def _check_schedule(self, buffers: dict[str, torch.Tensor], source: str) -> None:
+        """A checkpoint trained with other betas would be silently mis-sampled: refuse it."""
+        betas = buffers.get("betas")
+        if betas is None:
+            return
+        ours = self.schedule.betas
+        if betas.shape != ours.shape or not torch.allclose(betas.float(), ours, rtol=1e-5):
+            raise CheckpointError(
+                "its noise schedule (betas) differs from the configured model.diffusion "
+                f"({self.config.diffusion.schedule}, {self.config.diffusion.timesteps} steps)",
+                source,
+            )
+
+    def original_parts(self, ema: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
+        """Keyword arguments for ``write_checkpoint``: every part in the original layout."""
+        parts: dict[str, dict] = {
+            "unet": {k: v.detach() for k, v in self.unet.state_dict().items()},
+            "vae": {k: v.detach() for k, v in self.autoencoder.state_dict().items()},
+            "text": self.text_encoder.original_state_dict(),
+            "schedule": self.schedule.original_buffers(),
+        }
+        if ema is not None:
+            parts["ema"] = ema
+        return parts
+
+
+def build_stable_diffusion(
+    cfg: ModelConfig, device: torch.device | str | None = None
+) -> StableDiffusion:
+    """Build all parts, randomly initialised; ``device="meta"`` allocates nothing."""
+    if device is None:
+        return StableDiffusion(cfg)
+    with torch.device(device):
+        return StableDiffusion(cfg)
