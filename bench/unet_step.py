@@ -495,6 +495,51 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` torch CPU threads (``None``: leave as is), restored afterwards."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_preset(preset: Preset, checkpointing: bool, command: str) -> Report:
+    """Every case of ``preset``, or a report saying why it was skipped."""
+    cuda = preset.device == "cuda"
+    report = Report(
+        preset=preset.name,
+        command=command,
+        dtype="bf16 autocast, fp32 weights" if preset.autocast_bf16 else "float32",
+        device=preset.device,
+        device_name=_cpu_name(),
+        checkpointing=checkpointing,
+        batch_size=preset.batch_size,
+        iters=preset.iters,
+        warmup=preset.warmup,
+        threads=torch.get_num_threads(),
+        versions=_versions(),
+        date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+    )
+    if cuda and not torch.cuda.is_available():
+        report.skipped = "no CUDA device here; the gpu preset needs one."
+        return report
+    if "not installed" in report.versions:
+        report.skipped = "diffusers is not installed (pip install -e '.[bench]')."
+        return report
+    if cuda:
+        report.device_name = torch.cuda.get_device_name()
+    for case in preset.cases:
+        print(f"running {case.name} ...", file=sys.stderr, flush=True)
+        report.rows.append(run_case(case, preset, checkpointing))
+        if cuda:
+            torch.cuda.empty_cache()
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> Report:
     """Run a preset, print its markdown report, optionally write it to the docs; return it."""
     args = parse_args(argv)
@@ -505,36 +550,9 @@ def main(argv: Sequence[str] | None = None) -> Report:
         iters=args.iters or preset.iters,
         warmup=preset.warmup if args.warmup is None else args.warmup,
     )
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cuda = preset.device == "cuda"
     shown = ["python", "bench/unet_step.py", *(sys.argv[1:] if argv is None else argv)]
-    report = Report(
-        preset=preset.name,
-        command=shlex.join(shown),
-        dtype="bf16 autocast, fp32 weights" if preset.autocast_bf16 else "float32",
-        device=preset.device,
-        device_name=_cpu_name(),
-        checkpointing=args.checkpointing,
-        batch_size=preset.batch_size,
-        iters=preset.iters,
-        warmup=preset.warmup,
-        threads=torch.get_num_threads(),
-        versions=_versions(),
-        date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-    )
-    if cuda and not torch.cuda.is_available():
-        report.skipped = "no CUDA device here; the gpu preset needs one."
-    elif "not installed" in report.versions:
-        report.skipped = "diffusers is not installed (pip install -e '.[bench]')."
-    else:
-        if cuda:
-            report.device_name = torch.cuda.get_device_name()
-        for case in preset.cases:
-            print(f"running {case.name} ...", file=sys.stderr, flush=True)
-            report.rows.append(run_case(case, preset, args.checkpointing))
-            if cuda:
-                torch.cuda.empty_cache()
+    with torch_threads(args.threads):
+        report = run_preset(preset, args.checkpointing, shlex.join(shown))
     markdown = report.to_markdown()
     print(markdown)
     out = args.out or (DEFAULT_DOCS if args.write_docs else None)

@@ -7,21 +7,25 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_CANDIDATES = (REPO.parent / "shared" / "reference", REPO / "tests" / "reference")
+
+
+def find_reference_dir() -> Path | None:
+    """``$SDTRAIN_REFERENCE``, else ``../shared/reference`` beside the checkout, else the
+    verbatim copy committed in ``tests/reference``."""
+    env = os.environ.get("SDTRAIN_REFERENCE")
+    candidates = (Path(env),) if env else REFERENCE_CANDIDATES
+    return next((path for path in candidates if (path / "manifests").is_dir()), None)
+
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """The shared reference folder: ``$SDTRAIN_REFERENCE``, else ``<repo>/../shared/reference``.
-
-    Tests that need it are skipped, with the places looked at, when it cannot be found.
-    """
-    env = os.environ.get("SDTRAIN_REFERENCE")
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-    path = Path(env) if env else default
-    if not path.is_dir():
-        pytest.skip(
-            f"reference data not found at {path} "
-            "(set SDTRAIN_REFERENCE to the shared/reference folder)"
-        )
+    """The reference folder; tests that need it skip, naming where they looked, without it."""
+    path = find_reference_dir()
+    if path is None:
+        looked = os.environ.get("SDTRAIN_REFERENCE") or ", ".join(map(str, REFERENCE_CANDIDATES))
+        pytest.skip(f"reference data not found (looked in {looked}; set SDTRAIN_REFERENCE)")
     return path
 
 

@@ -6,7 +6,6 @@ reference fixtures, so a passing test means the files we write are key-for-key o
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from functools import cache
@@ -16,6 +15,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+from conftest import find_reference_dir, load_gzipped_safetensors
 from torch import Tensor, nn
 
 from sdtrain.models.checkpoint import (
@@ -49,11 +49,10 @@ SUFFIXES = (".ckpt", ".safetensors")
 
 
 def reference_dir() -> Path:
-    """`$SDTRAIN_REFERENCE`, else `<repo>/../shared/reference`; skip the test when absent."""
-    env = os.environ.get("SDTRAIN_REFERENCE")
-    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared/reference"
-    if not (path / "manifests").is_dir():
-        pytest.skip(f"reference data not found at {path} (set SDTRAIN_REFERENCE to its folder)")
+    """The reference folder found by conftest; skip the test when absent."""
+    path = find_reference_dir()
+    if path is None:
+        pytest.skip("reference data not found (set SDTRAIN_REFERENCE to its folder)")
     return path
 
 
@@ -69,8 +68,7 @@ def manifest_unet_keys(name: str) -> list[str]:
 
 @cache
 def _gz_weights(name: str) -> dict[str, Tensor]:
-    with gzip.open(reference_dir() / "tiny" / name, "rb") as handle:
-        return safetensors.torch.load(handle.read())
+    return load_gzipped_safetensors(reference_dir() / "tiny" / name)
 
 
 def tiny_part(name: str, prefix: str) -> dict[str, Tensor]:
