@@ -11,6 +11,7 @@ import os
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors
 import safetensors.torch
@@ -339,6 +340,30 @@ def test_pickle_that_needs_code_is_refused_and_not_run(tmp_path: Path, payload: 
     if payload == "reduce":  # the payload is live: an unsafe load would have run it
         torch.load(path, weights_only=False)
         assert marker.exists()
+
+
+def test_released_lightning_checkpoint_layout_loads_without_running_lightning(
+    tmp_path: Path,
+) -> None:
+    """Old Lightning checkpoints key ``callbacks`` by the callback class and may hold numpy
+    scalars; both are data, so they load, with the class replaced by an inert stand-in."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    path = tmp_path / "released.ckpt"
+    unet = {"input_blocks.0.0.weight": torch.ones(2, 4, 3, 3)}
+    torch.save(
+        {
+            "state_dict": {UNET_PREFIX + k: v for k, v in unet.items()},
+            "global_step": np.int64(470000),
+            "epoch": 2,
+            "pytorch-lightning_version": "1.4.2",
+            "callbacks": {ModelCheckpoint: {"best_model_path": "last.ckpt"}},
+        },
+        path,
+    )
+    ckpt = read_checkpoint(path)
+    assert ckpt.global_step == 470000
+    assert torch.equal(ckpt.unet["input_blocks.0.0.weight"], unet["input_blocks.0.0.weight"])
 
 
 def _half(path: Path) -> None:

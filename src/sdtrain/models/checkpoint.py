@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import safetensors
 import safetensors.torch
 import torch
@@ -252,11 +253,43 @@ def _read_torch(path: Path) -> tuple[dict[str, Tensor], int | None, dict[str, st
     )
 
 
+class InertLightningClass:
+    """Stands in for a Lightning callback class that old Lightning checkpoints (the released SD
+    ones among them) use as a dict key in ``callbacks``. Unpickling yields this inert class; no
+    Lightning code is imported or run."""
+
+
+# Pickled names that only rebuild data, never run code: numpy scalars (e.g. a numpy
+# ``global_step``), their dtypes, and the Lightning callback classes named as dict keys.
+_LIGHTNING_CLASS_NAMES = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "pytorch_lightning.callbacks.early_stopping.EarlyStopping",
+    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+    "lightning.pytorch.callbacks.early_stopping.EarlyStopping",
+)
+
+
+def data_only_globals() -> list[object]:
+    """The allowlist handed to ``torch.load(weights_only=True)`` on top of torch's own."""
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    numeric = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.float16)
+    numeric += (np.float32, np.float64)
+    allowed: list[object] = [
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+        *(type(np.dtype(kind)) for kind in numeric),
+    ]
+    allowed += [(InertLightningClass, name) for name in _LIGHTNING_CLASS_NAMES]
+    return allowed
+
+
 def _torch_load(path: Path) -> object:
     # mmap avoids holding a second copy of a multi-GB file in RAM; only zip files support it.
     use_mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+        with torch.serialization.safe_globals(data_only_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as err:
         raise _pickle_refusal(path, err) from None
     except Exception as err:  # torch surfaces corruption as RuntimeError, EOFError, KeyError...
@@ -313,6 +346,8 @@ def _parse_step(text: str | None) -> int | None:
 def _as_step(value: object) -> int | None:
     if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
         return int(value.item())
+    if isinstance(value, np.integer):
+        return int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
