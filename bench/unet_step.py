@@ -175,12 +175,13 @@ def diffusers_twin(ours: UNetModel) -> nn.Module:
 
     config = diffusers_config(ours)
     ldm = {LDM_PREFIX + k: v for k, v in ours.state_dict().items()}
-    converted = convert_ldm_unet_checkpoint(ldm, config)
     theirs = UNet2DConditionModel(**config)
     try:
+        converted = convert_ldm_unet_checkpoint(ldm, config)
         theirs.load_state_dict(converted, strict=True)
-    except RuntimeError as err:  # missing / unexpected keys or shape mismatches
-        raise ConversionError(str(err).splitlines()[0]) from err
+    except (KeyError, IndexError, RuntimeError) as err:  # unmapped keys, shape mismatches
+        message = " ".join(str(err).split())
+        raise ConversionError(message[:300] + ("..." if len(message) > 300 else "")) from err
     if len(converted) != len(ldm) or _numel(theirs) != _numel(ours):
         raise ConversionError(f"{len(ldm)} of our tensors became {len(converted)} of theirs")
     return theirs

@@ -148,8 +148,8 @@ def timestep_embedding(
 ) -> torch.Tensor:
     """Sinusoidal embedding ``cat([cos(t f), sin(t f)])``, ``f_i = max_period^(-i / half)``."""
     half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32) / half
-    freqs = torch.exp(exponent).to(timesteps.device)  # (half,)
+    steps = torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    freqs = torch.exp(-math.log(max_period) * steps / half)  # (half,)
     args = timesteps[:, None].float() * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
     if dim % 2:
@@ -307,7 +307,8 @@ class SpatialTransformer(nn.Module):
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)  # (B, HW, C)
-        h = h.transpose(1, 2).unflatten(2, (height, width))  # (B, C|inner, H, W)
+        # reshape (not a view): later convs and norms want a contiguous NCHW tensor
+        h = h.transpose(1, 2).reshape(h.shape[0], -1, height, width)  # (B, C|inner, H, W)
         if not self.linear:
             h = self.proj_out(h)  # (B, C, H, W)
         return h + x
