@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sdtrain.config.errors import ConfigError
+from sdtrain.data.config import DataConfig
 from sdtrain.diffusion.schedule import DiffusionConfig
 from sdtrain.models.autoencoder import AutoencoderConfig
 from sdtrain.models.text_encoders import TextEncoderConfig
@@ -74,9 +75,11 @@ class ModelConfig:
 
 @dataclass
 class ExperimentConfig:
-    """The root of every config file: later issues add data, trainer and launch sections."""
+    """The root of every config file (trainer and launch sections arrive with their issues)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model to build or fine-tune."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The training data (LAION-style WebDataset shards)."""
     seed: int = 0
     """Global seed for weights initialisation, noise and data order."""

@@ -1,0 +1,1 @@
+"""The LAION WebDataset loader: shards -> metadata filters -> decode / crop / mask -> batches."""

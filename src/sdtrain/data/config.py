@@ -1,0 +1,191 @@
+"""Typed configuration of the LAION WebDataset loader: shards, filters, images, masks, depth.
+
+Defaults follow the Stable Diffusion recipes described in the seeds: 512 px, aesthetic score
+>= 5.0 (SD 1.5 used > 5.0, SD 2 >= 4.5), pwatermark < 0.5, punsafe < 0.1, original size >= 512.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sdtrain.config.errors import ConfigError
+
+Comparison = Literal[">", ">=", "<", "<=", "=="]
+MissingPolicy = Literal["keep", "reject"]
+
+
+@dataclass
+class ThresholdFilter:
+    """Keep a sample when ``json[field] <comparison> value`` for the first field present."""
+
+    enabled: bool = True
+    """Off: the filter neither keeps nor rejects anything."""
+    fields: list[str] = field(default_factory=list)
+    """Candidate json field names, first present wins (e.g. ``AESTHETIC_SCORE``, ``aesthetic``)."""
+    comparison: Comparison = ">="
+    """How the field's value must compare with ``value`` for the sample to be kept."""
+    value: float = 0.0
+    """The threshold."""
+    missing: MissingPolicy = "reject"
+    """What happens when none of ``fields`` is present (or the value is null / not a number)."""
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.fields:
+            raise ConfigError("an enabled filter needs at least one field name", key="fields")
+
+
+def _aesthetic() -> ThresholdFilter:
+    return ThresholdFilter(fields=["AESTHETIC_SCORE", "aesthetic"], comparison=">=", value=5.0)
+
+
+def _watermark() -> ThresholdFilter:
+    return ThresholdFilter(fields=["pwatermark"], comparison="<", value=0.5)
+
+
+def _unsafe() -> ThresholdFilter:
+    return ThresholdFilter(fields=["punsafe"], comparison="<", value=0.1)
+
+
+@dataclass
+class FilterConfig:
+    """Metadata filters, applied to the ``.json`` member before any image is decoded."""
+
+    aesthetic: ThresholdFilter = field(default_factory=_aesthetic)
+    """LAION aesthetic score (SD 1.5: > 5.0; SD 2: >= 4.5)."""
+    watermark: ThresholdFilter = field(default_factory=_watermark)
+    """LAION watermark probability (< 0.5)."""
+    unsafe: ThresholdFilter = field(default_factory=_unsafe)
+    """LAION NSFW probability (SD 2: punsafe < 0.1)."""
+    min_size: int = 512
+    """Minimum original width and height (``original_width`` / ``original_height``, falling back
+    to ``width`` / ``height``); 0 disables."""
+    size_missing: MissingPolicy = "reject"
+    """When neither original nor plain sizes are present."""
+    require_caption: bool = True
+    """Reject samples whose caption is missing or blank after whitespace normalisation."""
+    blocklist: list[str] = field(default_factory=list)
+    """Reject captions containing any of these words (case-insensitive, whole words)."""
+
+    def __post_init__(self) -> None:
+        if self.min_size < 0:
+            raise ConfigError("must be >= 0 (0 disables)", key="min_size")
+
+
+@dataclass
+class ImageConfig:
+    """Decode, resize and crop."""
+
+    size: int = 512
+    """Output height when ``width`` is 0 (square), e.g. 256 / 512 / 768."""
+    width: int = 0
+    """Output width for non-square crops; 0 = same as ``size``."""
+    crop: Literal["random", "center"] = "random"
+    """Random crops for training, centre crops for validation."""
+    flip_p: float = 0.0
+    """Probability of a horizontal flip (SD trained without flips: 0)."""
+
+    @property
+    def height(self) -> int:
+        return self.size
+
+    @property
+    def out_width(self) -> int:
+        return self.width or self.size
+
+    def __post_init__(self) -> None:
+        for key in ("size", "width"):
+            value = getattr(self, key)
+            if value < 0 or value % 8 or (key == "size" and value == 0):
+                raise ConfigError(
+                    f"must be a positive multiple of 8 (the autoencoder's factor), got {value}",
+                    key=key,
+                )
+        if not 0 <= self.flip_p <= 1:
+            raise ConfigError("must be a probability in [0, 1]", key="flip_p")
+
+
+@dataclass
+class MaskConfig:
+    """Inpainting masks: 1 where the model repaints ("white for inpainting")."""
+
+    enabled: bool = False
+    """Produce ``mask`` for every sample (inpainting models)."""
+    kind: Literal["sd15", "lama"] = "sd15"
+    """``sd15``: the SD-1.5-inpainting synthetic recipe (strokes or boxes, 50/50); ``lama``:
+    LaMa's mixed generator (irregular strokes, boxes, outpainting)."""
+    preset: Literal["256train", "512train", "512train-large"] = "512train-large"
+    """SD-1.5 recipe preset: stroke lengths / widths and box sizes."""
+    full_mask_p: float = 0.25
+    """Probability that the whole image is masked."""
+    lama_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 0.0])
+    """LaMa only: relative odds of the irregular, box and outpainting kinds (one per sample)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.full_mask_p <= 1:
+            raise ConfigError("must be a probability in [0, 1]", key="full_mask_p")
+        weights = self.lama_weights
+        if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+            raise ConfigError(
+                "needs three non-negative odds (irregular, box, outpainting), not all 0",
+                key="lama_weights",
+            )
+
+
+@dataclass
+class DepthConfig:
+    """Depth maps for depth-conditioned models (``depth.png`` 16-bit or ``.npy``)."""
+
+    enabled: bool = False
+    """Load, crop and normalise the depth member to [-1, 1]."""
+    keys: list[str] = field(default_factory=lambda: ["depth.png", "depth.npy"])
+    """Member suffixes tried in order."""
+    missing: MissingPolicy = "reject"
+    """A sample without a depth member is kept (with a zero map) or rejected."""
+
+
+@dataclass
+class DataConfig:
+    """The training data: where the shards are and how samples are chosen and prepared."""
+
+    shards: list[str] = field(default_factory=list)
+    """Brace patterns (``/data/laion/{00000..23999}.tar``), paths, directories of ``.tar`` files,
+    ``@file`` lists of URLs, or ``pipe:`` commands."""
+    resampled: bool = True
+    """Infinite mode: every epoch reshuffles the shards and starts over; False = one pass."""
+    shuffle_shards: bool = True
+    """Shuffle the shard order (per epoch, seeded)."""
+    shuffle_buffer: int = 1000
+    """Samples held for shuffling within a worker; 0 or 1 = no shuffling."""
+    batch_size: int = 4
+    """Samples per batch per device."""
+    num_workers: int = 4
+    """DataLoader worker processes per rank."""
+    caption_key: str = "txt"
+    """Member holding the caption (falls back to the json ``caption``)."""
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    """Members tried in order for the image."""
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    """Metadata filters (before decode)."""
+    image: ImageConfig = field(default_factory=ImageConfig)
+    """Decode / resize / crop."""
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    """Inpainting masks."""
+    depth: DepthConfig = field(default_factory=DepthConfig)
+    """Depth maps."""
+    max_error_rate: float = 0.05
+    """Stop the run when more than this fraction of the samples seen are unreadable ..."""
+    error_rate_min_samples: int = 1000
+    """... once at least this many samples have been seen."""
+    seed: int = 0
+    """Seed of shard order, shuffling, crops, flips and masks."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("must be >= 1", key="batch_size")
+        if self.num_workers < 0:
+            raise ConfigError("must be >= 0", key="num_workers")
+        if self.shuffle_buffer < 0:
+            raise ConfigError("must be >= 0", key="shuffle_buffer")
+        if not 0 <= self.max_error_rate <= 1:
+            raise ConfigError("must be a fraction in [0, 1]", key="max_error_rate")
