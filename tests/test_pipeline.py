@@ -84,7 +84,7 @@ def test_shard_specs(shard_dir: Path, tmp_path: Path) -> None:
     listing.write_text("# shards\n" + "\n".join(tars[:2]) + "\n\n")
     assert expand_shards(f"@{listing}") == tars[:2]
     assert expand_shards("pipe:cat /x/{0..2}.tar") == [f"pipe:cat /x/{i}.tar" for i in range(3)]
-    with pytest.raises(DataError, match="no .tar"):
+    with pytest.raises(DataError, match=r"no \.tar"):
         expand_shards(str(tmp_path))
 
 
@@ -182,9 +182,9 @@ def test_changed_setup_restarts_instead_of_misresuming(shard_dir: Path, caplog) 
 
 
 def good_members(i: int) -> dict:
-    from sdtrain.data.synthetic import jpeg_bytes, photo_like
-
     import numpy as np
+
+    from sdtrain.data.synthetic import jpeg_bytes, photo_like
 
     image = jpeg_bytes(photo_like(np.random.default_rng(i), 96, 80))
     meta = {"AESTHETIC_SCORE": 6.0, "pwatermark": 0.1, "punsafe": 0.01}
@@ -238,7 +238,7 @@ def test_unreachable_shards_only_is_an_error_not_a_hang(tmp_path: Path) -> None:
 
 def test_too_few_shards_for_ranks_times_workers(shard_dir: Path) -> None:
     tars = sorted(str(p) for p in shard_dir.glob("*.tar"))[:3]
-    with pytest.raises(DataError, match="3 shard.*2 rank.*2 dataloader"):
+    with pytest.raises(DataError, match=r"3 shard.*2 rank.*2 dataloader"):
         LaionLoader(small_cfg(tars, num_workers=2), rank=0, world_size=2)
 
 
