@@ -26,6 +26,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import cv2
 import numpy as np
@@ -180,14 +181,14 @@ def mask_stats(masks: Iterable[MaskSample]) -> dict:
 
 
 def _make_drawer(cfg: MaskConfig, height: int, width: int) -> Drawer:
+    # partial of module-level functions, not lambdas: DataLoader workers may pickle the generator.
     if cfg.kind == "sd15":
         preset = _scale_sd15(SD15_PRESETS[cfg.preset], min(height, width))
-        return lambda rng, mask: _draw_sd15(rng, mask, preset)
+        return partial(_draw_sd15, preset=preset)
     if cfg.kind == "lama":
         params = _scale_lama(LAMA_BIG, min(height, width))
         weights = np.asarray(cfg.lama_weights, dtype=np.float64)
-        odds = weights / weights.sum()
-        return lambda rng, mask: _draw_lama(rng, mask, params, odds)
+        return partial(_draw_lama, params=params, odds=weights / weights.sum())
     raise ValueError(f"unknown mask kind {cfg.kind!r}")
 
 

@@ -1,0 +1,1 @@
+"""Training: the LightningModule wiring, EMA, optimiser and LR schedule, checkpoints."""
