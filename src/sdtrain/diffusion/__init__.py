@@ -4,6 +4,15 @@ No Lightning imports here: everything is plain torch and can be used from any tr
 """
 
 from sdtrain.diffusion.loss import diffusion_loss, min_snr_weights, sample_noise
+from sdtrain.diffusion.samplers import (
+    SAMPLERS,
+    DDIMSampler,
+    Denoiser,
+    PLMSSampler,
+    cfg_denoiser,
+    sample,
+    uniform_timesteps,
+)
 from sdtrain.diffusion.schedule import (
     SCHEDULE_BUFFERS,
     DiffusionConfig,
@@ -13,12 +22,19 @@ from sdtrain.diffusion.schedule import (
 )
 
 __all__ = [
+    "SAMPLERS",
     "SCHEDULE_BUFFERS",
+    "DDIMSampler",
+    "Denoiser",
     "DiffusionConfig",
     "NoiseSchedule",
+    "PLMSSampler",
+    "cfg_denoiser",
     "diffusion_loss",
     "make_betas",
     "min_snr_weights",
     "rescale_zero_terminal_snr",
+    "sample",
     "sample_noise",
+    "uniform_timesteps",
 ]

@@ -1,0 +1,129 @@
+"""Typed configuration of training: optimiser and LR warm-up, trainer, checkpoints, validation,
+logging and the run folder. The experiment root composes these with the model and data configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sdtrain.config.errors import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with the original linear LR warm-up (``LambdaLinearScheduler``), then constant."""
+
+    lr: float = 1e-4
+    """Base learning rate (per sample when ``scale_lr``)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    warmup_steps: int = 10000
+    """Steps of linear warm-up from ``warmup_start`` x lr to lr (the seeds: 10,000)."""
+    warmup_start: float = 1e-6
+    """LR multiplier at step 0 (the original ``f_start``)."""
+    scale_lr: bool = False
+    """The original ``scale_lr``: lr x global batch (nodes x devices x accumulation x batch)."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError("must be > 0", key="lr")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("needs two values in [0, 1)", key="betas")
+        if self.warmup_steps < 0:
+            raise ConfigError("must be >= 0", key="warmup_steps")
+
+    def lr_multiplier(self, step: int) -> float:
+        """The LR factor at optimiser step ``step`` (0-based)."""
+        if step >= self.warmup_steps:
+            return 1.0
+        return self.warmup_start + (1.0 - self.warmup_start) * step / self.warmup_steps
+
+
+@dataclass
+class TrainerConfig:
+    """How the UNet is trained: steps, precision, distribution, memory savers."""
+
+    max_steps: int = 1000
+    """Optimiser steps to train (the run ends there)."""
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    """Mixed precision; ``16-mixed`` uses loss scaling."""
+    accumulate_grad_batches: int = 1
+    """Batches per optimiser step."""
+    gradient_clip_val: float = 0.0
+    """Clip the global gradient norm to this (0 = off)."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where to train."""
+    devices: int = 1
+    """Devices (processes) per node."""
+    num_nodes: int = 1
+    """Nodes."""
+    strategy: Literal["auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3"] = "auto"
+    """Distribution: DDP by default with several devices, or DeepSpeed ZeRO stage 2 / 3."""
+    gradient_checkpointing: bool = False
+    """Recompute UNet activations in the backward pass."""
+    channels_last: bool = False
+    """UNet weights and inputs in channels-last memory format (faster convs on GPUs)."""
+    compile: bool = False
+    """``torch.compile`` the UNet."""
+    deterministic: bool = False
+    """Deterministic algorithms (exact resumption tests; slower on GPU)."""
+    text_dropout: float = 0.1
+    """Probability of replacing a caption by the empty prompt (classifier-free guidance)."""
+    max_nonfinite_steps: int = 20
+    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    log_every_n_steps: int = 10
+    """Logging interval."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "accumulate_grad_batches", "devices", "num_nodes"):
+            if getattr(self, key) < 1:
+                raise ConfigError("must be >= 1", key=key)
+        if not 0 <= self.text_dropout <= 1:
+            raise ConfigError("must be a probability in [0, 1]", key="text_dropout")
+        if self.gradient_clip_val < 0:
+            raise ConfigError("must be >= 0 (0 = off)", key="gradient_clip_val")
+
+
+@dataclass
+class CheckpointConfig:
+    """Training-state checkpoints in the run folder."""
+
+    every_n_steps: int = 1000
+    """Save every N optimiser steps (and at the end)."""
+    keep_last: int = 3
+    """Keep the newest K step checkpoints."""
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps < 1:
+            raise ConfigError("must be >= 1", key="every_n_steps")
+        if self.keep_last < 1:
+            raise ConfigError("must be >= 1", key="keep_last")
+
+
+@dataclass
+class RunConfig:
+    """Where a run's files go."""
+
+    root: str = "runs"
+    """Folder holding runs."""
+    name: str = ""
+    """Run name (default: the model name); the folder is ``root/name``."""
+    dir: str = ""
+    """Explicit run folder (overrides root/name)."""
+
+
+@dataclass
+class LoggingConfig:
+    """Loggers: wandb (online or offline) and CSV in the run folder."""
+
+    wandb: bool = True
+    """Log to Weights & Biases (``WANDB_MODE=offline`` works without network)."""
+    wandb_project: str = "sdtrain"
+    """wandb project."""
+    csv: bool = True
+    """Write ``metrics.csv`` in the run folder."""
