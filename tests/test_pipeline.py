@@ -137,7 +137,7 @@ def test_resume_continues_with_exactly_the_next_sample(shard_dir: Path, workers:
     straight = take(LaionLoader(cfg), 14)  # crosses an epoch boundary (~36 kept per epoch)
     first = LaionLoader(cfg)
     head = take(first, 5)
-    state = json.loads(json.dumps(first.state_dict()))  # must survive a checkpoint
+    state = json.loads(json.dumps(first.position()))  # must survive a checkpoint
     tail = take(LaionLoader(cfg, state=state), 9)
     assert_same_batches(head + tail, straight)
 
@@ -148,7 +148,7 @@ def test_resume_per_rank_with_two_ranks(shard_dir: Path) -> None:
         straight = take(LaionLoader(cfg, rank, 2), 8)
         first = LaionLoader(cfg, rank, 2)
         head = take(first, 3)
-        tail = take(LaionLoader(cfg, rank, 2, state=first.state_dict()), 5)
+        tail = take(LaionLoader(cfg, rank, 2, state=first.position()), 5)
         assert_same_batches(head + tail, straight)
 
 
@@ -158,9 +158,9 @@ def test_resume_twice_and_stats_continue(shard_dir: Path) -> None:
     straight = take(straight_loader, 9)
     a = LaionLoader(cfg)
     part1 = take(a, 2)
-    b = LaionLoader(cfg, state=a.state_dict())
+    b = LaionLoader(cfg, state=a.position())
     part2 = take(b, 4)
-    c = LaionLoader(cfg, state=b.state_dict())
+    c = LaionLoader(cfg, state=b.position())
     part3 = take(c, 3)
     assert_same_batches(part1 + part2 + part3, straight)
     assert c.stats.kept == straight_loader.stats.kept
@@ -171,7 +171,7 @@ def test_changed_setup_restarts_instead_of_misresuming(shard_dir: Path, caplog) 
     first = LaionLoader(cfg)
     take(first, 2)
     other = small_cfg([str(shard_dir)], num_workers=2, batch_size=4)
-    resumed = LaionLoader(other, state=first.state_dict())
+    resumed = LaionLoader(other, state=first.position())
     assert "restarts at epoch 1" in caplog.text
     assert take(resumed, 1)[0]["image"].shape[0] == 4
 

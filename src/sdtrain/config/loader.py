@@ -37,9 +37,9 @@ def load_config(
     merged = OmegaConf.structured(schema)
     sources: list[tuple[str, DictConfig]] = []
     for path in paths:
-        node = read_yaml(path)
-        merged = _merge(merged, node, str(path))
-        sources.append((str(path), node))
+        for source, node in read_with_includes(Path(path)):
+            merged = _merge(merged, node, source)
+            sources.append((source, node))
     if overrides:
         node = parse_overrides(overrides)
         merged = _merge(merged, node, COMMAND_LINE)
@@ -59,6 +59,27 @@ def read_yaml(path: str | Path) -> DictConfig:
     if node is None or isinstance(node, ListConfig):
         raise ConfigError("the top level must be a mapping of keys", source=str(path))
     return node
+
+
+def read_with_includes(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """A file and the files its top-level ``include:`` list names (relative to it), in merge
+    order: includes first, then the file itself."""
+    if path.resolve() in chain:
+        raise ConfigError("includes itself (directly or through other files)", source=str(path))
+    node = read_yaml(path)
+    includes = node.pop("include", None) if "include" in node else None
+    if includes is None:
+        return [(str(path), node)]
+    if isinstance(includes, str):
+        includes = [includes]
+    out: list[tuple[str, DictConfig]] = []
+    for item in includes:
+        if not isinstance(item, str):
+            raise ConfigError("include entries must be file paths", key="include", source=str(path))
+        target = (path.parent / item) if not Path(item).is_absolute() else Path(item)
+        out.extend(read_with_includes(target, (*chain, path.resolve())))
+    out.append((str(path), node))
+    return out
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:

@@ -17,6 +17,14 @@ from sdtrain.diffusion.schedule import DiffusionConfig
 from sdtrain.models.autoencoder import AutoencoderConfig
 from sdtrain.models.text_encoders import TextEncoderConfig
 from sdtrain.models.unet import UNetConfig
+from sdtrain.trainer.config import (
+    CheckpointConfig,
+    LoggingConfig,
+    OptimConfig,
+    RunConfig,
+    TrainerConfig,
+)
+from sdtrain.trainer.ema import EMAConfig
 
 Conditioning = Literal["txt2img", "inpainting", "depth"]
 
@@ -75,11 +83,43 @@ class ModelConfig:
 
 @dataclass
 class ExperimentConfig:
-    """The root of every config file (trainer and launch sections arrive with their issues)."""
+    """The root of every config file."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model to build or fine-tune."""
     data: DataConfig = field(default_factory=DataConfig)
     """The training data (LAION-style WebDataset shards)."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Steps, precision, distribution."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and the LR warm-up."""
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    """EMA of the UNet."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Training-state checkpoints."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """The run folder."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """wandb and CSV logging."""
+    init_from: str = ""
+    """An original-layout checkpoint (.ckpt / .safetensors) to start from (UNet, VAE, text
+    encoder; a 4-channel UNet is widened to the configured input channels)."""
+    resume: str = ""
+    """``auto``: continue from the newest complete checkpoint in the run folder; or a path."""
     seed: int = 0
     """Global seed for weights initialisation, noise and data order."""
+
+    def __post_init__(self) -> None:
+        # Only a config that names training data must provide what the model conditions on.
+        if not self.data.shards:
+            return
+        needs = {"inpainting": ("data.masks.enabled", self.data.masks.enabled),
+                 "depth": ("data.depth.enabled", self.data.depth.enabled)}  # fmt: skip
+        if self.model.conditioning in needs:
+            key, enabled = needs[self.model.conditioning]
+            if not enabled:
+                raise ConfigError(
+                    f"a '{self.model.conditioning}' model trains on {key.split('.')[1]}: set "
+                    f"{key}: true",
+                    key=key,
+                )

@@ -51,6 +51,7 @@ from sdtrain.data.transforms import (
 log = logging.getLogger("sdtrain.data")
 
 STATE_KEY = "__state__"
+LOADER_STATE_KEY = "__loader_state__"
 WORKER_KEY = "__worker__"
 SampleRef = tuple[int, int, int]  # (epoch, position in the worker's shard list, index in shard)
 
@@ -421,7 +422,13 @@ class LaionDataset(IterableDataset):
 
 
 class LaionLoader:
-    """Batches of one rank, with ``state_dict`` / ``load_state_dict`` for exact resumption.
+    """Batches of one rank, with ``position`` / ``restore`` for exact resumption.
+
+    (Deliberately not ``state_dict``: Lightning would save that itself, one prefetched batch
+    ahead of the batch last trained on.)
+
+    ``attach_state`` adds the loader state after each batch to the batch itself, for consumers
+    that prefetch (the loader's own ``position()`` is then ahead of what was trained on).
 
     Each batch is a dict: ``image`` (B, 3, H, W) uint8, ``caption`` list[str], ``key``,
     ``original_size`` (B, 2), ``crop_top_left`` (B, 2), and ``mask`` (B, 1, H, W) uint8 for
@@ -435,17 +442,19 @@ class LaionLoader:
         world_size: int = 1,
         state: Mapping[str, Any] | None = None,
         pin_memory: bool = False,
+        attach_state: bool = False,
     ) -> None:
         if not cfg.shards:
             raise DataError("no shards configured: set data.shards")
         self.cfg = cfg
         self.plan = ShardPlan(expand_shards(cfg.shards), cfg, rank, world_size, cfg.num_workers)
         self.pin_memory = pin_memory
+        self.attach_state = attach_state
         self.positions: dict[int, WorkerPosition] = {}
         self.rotation = 0
         self.batches = 0
         if state is not None:
-            self.load_state_dict(state)
+            self.restore(state)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset = LaionDataset(self.cfg, self.plan, dict(self.positions), self.rotation)
@@ -460,6 +469,9 @@ class LaionLoader:
             worker = int(batch.pop(WORKER_KEY))
             self.positions[worker] = WorkerPosition.from_dict(batch.pop(STATE_KEY))
             self.batches += 1
+            if self.attach_state:
+                # The trainer prefetches: it saves the state of the batch it trained on last.
+                batch[LOADER_STATE_KEY] = self.position()
             yield batch
 
     @property
@@ -470,7 +482,7 @@ class LaionLoader:
             total = total.merge(DataStats.from_dict(position.stats))
         return total
 
-    def state_dict(self) -> dict[str, Any]:
+    def position(self) -> dict[str, Any]:
         """Everything needed to continue with exactly the next batch."""
         return {
             "version": 1,
@@ -479,11 +491,10 @@ class LaionLoader:
             "world_size": self.plan.world_size,
             "num_workers": self.plan.workers,
             "next_worker": (self.rotation + self.batches) % self.plan.workers,
-            "batches": self.batches,
             "workers": {str(w): dataclasses.asdict(p) for w, p in self.positions.items()},
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def restore(self, state: Mapping[str, Any]) -> None:
         """Continue where ``state`` left off; a changed data setup starts the next epoch fresh."""
         if (
             state.get("fingerprint") != self.plan.fingerprint()

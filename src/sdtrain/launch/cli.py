@@ -80,6 +80,19 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    from sdtrain.trainer.fit import fit
+
+    cfg = _load(args)
+    if args.print_config:
+        from sdtrain.config.loader import to_yaml
+
+        print(to_yaml(cfg), end="")
+        return EXIT_OK
+    fit(cfg)
+    return EXIT_OK
+
+
 def cmd_smoke(args: argparse.Namespace) -> int:
     from sdtrain.launch.smoke import run_smoke
 
@@ -130,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(key-for-key compatible with the original .ckpt files).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = sub.add_parser(
+        "fit",
+        help="train a UNet (base, inpainting or depth) as the config says",
+        description="Train the configured model on WebDataset shards. Resume an interrupted run "
+        "with resume=auto (newest complete checkpoint in the run folder) or resume=PATH.",
+    )
+    _add_config_args(fit)
+    fit.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    fit.set_defaults(func=cmd_fit)
 
     smoke = sub.add_parser(
         "smoke",
@@ -183,11 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-ema", dest="ema", action="store_false", help="leave the EMA weights out"
     )
     convert.set_defaults(func=cmd_checkpoint_convert)
+
+    from sdtrain.launch.data_cli import add_data_commands
+
+    add_data_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
+    from sdtrain.data.shards import DataError
     from sdtrain.models.checkpoint import CheckpointError
 
     parser = build_parser()
@@ -199,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except CheckpointError as err:
         print(f"sdtrain: checkpoint error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    except DataError as err:
+        print(f"sdtrain: data error: {err}", file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -1,0 +1,866 @@
+"""``sdtrain data ...``: turn local images into shards, count what the filters keep, look at
+samples with their masks, and measure the loader's throughput.
+
+- ``make-shards SRC OUT``: a folder of images with ``.txt`` captions (optional ``.json``
+  sidecars), or a CSV / parquet table of local paths plus metadata columns -> img2dataset-style
+  shards (``00000.tar`` holding ``000000000.jpg`` + ``.txt`` + ``.json``, ...). JPEG bytes are
+  copied as they are; unreadable images are skipped and listed, never fatal.
+- ``stats SHARDS``: one pass with the configured pipeline; seen / kept / rejected per reason /
+  errors per kind (``--json``: one object on stdout).
+- ``preview SHARDS --out grid.png``: per sample a row of image, mask, masked image and caption.
+- ``bench SHARDS``: delivered samples/s of the configured pipeline (decode, crop, masks,
+  batching) after a warm-up.
+
+Without ``--config`` the SD defaults of :class:`~sdtrain.data.config.DataConfig` apply (512 px,
+the default filters); ``--config`` takes a data config file (or the name of a shipped one in
+``configs/data/``, e.g. ``laion-sd15-inpainting``) of which only the ``data:`` section is read, so
+experiment files work too. ``key=value`` overrides use the full key (``data.image.size=256``).
+Progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdtrain.config.errors import ConfigError
+from sdtrain.data.config import DataConfig, MaskConfig
+from sdtrain.data.shards import DataError
+
+DATA_CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "data"
+"""The shipped data configs (beside ``src/`` in a checkout or editable install)."""
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+"""Files ``make-shards`` picks up from a folder (by suffix, case-insensitive)."""
+_MEMBER_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "TIFF": "tiff"}
+_JPEG_QUALITY = 95
+_ORIENTATION_TAG = 0x0112
+_SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that exchange width and height
+_SHOWN_SKIPS = 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataRoot:
+    """The part of an experiment config the data commands read."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def resolve_data_config(name: str) -> Path:
+    """A path as given, or a shipped data config by short name (``laion-sd15-inpainting``)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    shipped = DATA_CONFIGS / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    choices = sorted(p.stem for p in DATA_CONFIGS.glob("*.yaml"))
+    raise ConfigError(f"no config file {name!r} and no shipped data config of that name {choices}")
+
+
+def load_data_config(
+    paths: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    base: DataConfig | None = None,
+) -> DataConfig:
+    """The ``data`` section of config files merged in order, then ``data.*`` overrides.
+
+    Other top-level sections (``model``, ``seed``, ...) are ignored, so full experiment files can
+    be given. Values start from ``base`` (default: ``DataConfig()``, the SD defaults); a file only
+    changes the keys it sets. Unknown keys, wrong types and the components' own checks raise
+    ``ConfigError`` naming the key and the file (or "command line") that set it, exactly as the
+    experiment loader (:func:`sdtrain.config.loader.load_config`) does.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sdtrain.config.loader import COMMAND_LINE, build_dataclass, parse_overrides, read_yaml
+
+    merged = OmegaConf.structured(DataRoot(data=base or DataConfig()))
+    sources = []
+    named = [(str(p), read_yaml(p)) for p in paths]
+    if overrides:
+        named.append((COMMAND_LINE, parse_overrides(overrides)))
+    for source, node in named:
+        section = OmegaConf.create({"data": node["data"]} if "data" in node else {})
+        try:
+            merged = OmegaConf.merge(merged, section)
+        except OmegaConfBaseException as err:
+            message = str(err).splitlines()[0]
+            if type(err).__name__ == "ConfigKeyError":
+                message = f"unknown key ({message})"
+            key = getattr(err, "full_key", None)
+            raise ConfigError(message, key=key, source=source) from None
+        sources.append((source, section))
+    return build_dataclass(DataRoot, merged, "", sources).data  # type: ignore[arg-type]
+
+
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
+
+
+def _split_positionals(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(shard specs, overrides): ``key=value`` items are overrides, anything else another spec
+    (several specs, or a brace pattern the shell expanded into many paths)."""
+    specs = [item for item in items if not _OVERRIDE.match(item)]
+    return specs, [item for item in items if _OVERRIDE.match(item)]
+
+
+def shard_urls(specs: Sequence[str]) -> list[str]:
+    """``expand_shards(specs)``, and a ``DataError`` naming the specs when none of the local
+    files they name exists (a mistyped pattern would otherwise just count unreadable shards)."""
+    from sdtrain.data.shards import expand_shards
+
+    urls = expand_shards(specs)
+    remote = ("pipe:", "http://", "https://", "s3://", "gs://")
+    local = [url for url in urls if not url.startswith(remote)]
+    exists = (Path(url.removeprefix("file://")).is_file() for url in local)
+    if local and len(local) == len(urls) and not any(exists):
+        raise DataError(
+            f"no shards found for {list(specs)!r}: none of the {len(local)} file(s) it names "
+            f"exists (first: {local[0]})"
+        )
+    return urls
+
+
+def _config_from_args(
+    args: argparse.Namespace, base: DataConfig | None = None, **changes: Any
+) -> DataConfig:
+    """Config files + overrides, then SHARDS, ``--size`` and the command's own ``changes``."""
+    specs, overrides = _split_positionals([args.shards, *args.overrides])
+    paths = [resolve_data_config(name) for name in args.config or []]
+    cfg = load_data_config(paths, overrides, base=base)
+    image = cfg.image
+    if args.size is not None:
+        try:
+            image = dataclasses.replace(image, size=args.size)
+        except ConfigError as err:
+            raise ConfigError(err.message, key="--size") from None
+    shard_urls(specs)
+    return dataclasses.replace(cfg, shards=specs, image=image, **changes)
+
+
+def _workers(cfg: DataConfig, requested: int | None) -> int:
+    """``--workers`` as given, else ``data.num_workers`` capped at the number of shards and of
+    CPU cores."""
+    if requested is not None:
+        if requested < 0:
+            raise ConfigError("must be >= 0", key="--workers")
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(cfg.num_workers, len(shard_urls(cfg.shards)), cores or 1)
+
+
+def _progress(**kwargs: Any):
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, dynamic_ncols=True, mininterval=0.5, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# make-shards
+# ---------------------------------------------------------------------------------------------
+
+
+class UnreadableSource(ValueError):
+    """One source image (or its sidecar) that cannot be used; the sample is skipped."""
+
+
+@dataclass
+class SourceItem:
+    """One sample to write: an image file, its caption and its metadata."""
+
+    path: Path
+    label: str
+    """How the summary names it (the path as the folder or table gave it)."""
+    caption: str
+    meta: dict[str, Any]
+    sidecar: Path | None = None
+
+
+@dataclass
+class MakeShardsResult:
+    """What ``make_shards`` did."""
+
+    written: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(path, reason) of every source skipped."""
+    shards: list[Path] = field(default_factory=list)
+    converted: int = 0
+    """Images re-encoded as JPEG (``to_jpeg``)."""
+
+
+def iter_folder(src: Path) -> list[SourceItem]:
+    """Images under ``src`` (recursively, sorted) with their ``.txt`` / ``.json`` sidecars."""
+    items = []
+    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    for path in files:
+        txt, sidecar = path.with_suffix(".txt"), path.with_suffix(".json")
+        caption = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else ""
+        items.append(
+            SourceItem(
+                path=path,
+                label=str(path.relative_to(src)),
+                caption=caption,
+                meta={},
+                sidecar=sidecar if sidecar.is_file() else None,
+            )
+        )
+    return items
+
+
+_INT = re.compile(r"[-+]?\d+")
+
+
+def _csv_value(text: str) -> Any:
+    """CSV cells as json values: numbers as numbers (the filters compare them), '' as null."""
+    text = text.strip()
+    if not text:
+        return None
+    if _INT.fullmatch(text):
+        return int(text)
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return value if math.isfinite(value) else None
+
+
+def _json_value(value: Any) -> Any:
+    """Table cells as json values (NaN -> null, other non-json types as text)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str, list, dict)):
+        return value
+    return str(value)
+
+
+def read_table(src: Path) -> list[dict[str, Any]]:
+    """The rows of a CSV (stdlib) or parquet (needs ``pyarrow``) file as dicts."""
+    if src.suffix.lower() == ".csv":
+        with src.open(newline="", encoding="utf-8") as handle:
+            rows = csv.DictReader(handle)
+            # a short row gives None values, a long one a None key holding the surplus cells
+            return [
+                {k: _csv_value(v or "") for k, v in row.items() if k is not None} for row in rows
+            ]
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(
+            f"reading {src} needs the 'pyarrow' package, which is not installed "
+            "(pip install pyarrow), or convert the table to CSV"
+        ) from None
+    try:
+        rows = pq.read_table(src).to_pylist()
+    except Exception as err:  # pyarrow raises its own ArrowInvalid / OSError family
+        raise DataError(f"cannot read parquet file {src}: {err}") from err
+    return [{k: _json_value(v) for k, v in row.items()} for row in rows]
+
+
+def iter_table(src: Path, path_column: str, caption_column: str) -> list[SourceItem]:
+    """Rows of a table: ``path_column`` (relative paths are relative to the table's folder),
+    ``caption_column``; every other column goes into the json as it is."""
+    rows = read_table(src)
+    if not rows:
+        raise DataError(f"{src} holds no rows")
+    columns = list(rows[0])
+    for option, column in (("--path-column", path_column), ("--caption-column", caption_column)):
+        if column not in columns:
+            raise ConfigError(f"{src} has no column {column!r} (columns: {columns})", key=option)
+    items = []
+    for row in rows:
+        given = row[path_column]
+        path = Path(str(given)) if given is not None else Path()
+        caption = row[caption_column]
+        meta = {k: v for k, v in row.items() if k not in (path_column, caption_column)}
+        items.append(
+            SourceItem(
+                path=path if path.is_absolute() else src.parent / path,
+                label=str(given),
+                caption="" if caption is None else str(caption),
+                meta=meta,
+            )
+        )
+    return items
+
+
+def _upright_size(image: Any) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, from the header only."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # a broken EXIF block must not hide a readable image
+        orientation = 1
+    return (height, width) if orientation in _SWAPS_AXES else (width, height)
+
+
+def encode_image(data: bytes, to_jpeg: bool, verify: bool) -> tuple[str, bytes, tuple[int, int]]:
+    """(member extension, bytes, upright (w, h)) for one image file's bytes.
+
+    JPEG is copied byte for byte; other formats keep their bytes and extension unless
+    ``to_jpeg``, which re-encodes them as JPEG quality 95 (alpha composited onto white, EXIF and
+    ICC profile kept). Only the header is read unless ``verify`` (or a conversion) decodes it.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt = image.format or ""
+            size = _upright_size(image)
+            ext = _MEMBER_EXT.get(fmt, fmt.lower())
+            if ext == "jpg" or not to_jpeg:
+                if verify:
+                    image.load()
+                return ext, data, size
+            image.load()
+            if image.mode in ("RGBA", "LA", "PA", "P") or "transparency" in image.info:
+                rgba = image.convert("RGBA")
+                rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+                rgb.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                rgb = image.convert("RGB")
+            out = io.BytesIO()
+            extra = {k: image.info[k] for k in ("exif", "icc_profile") if image.info.get(k)}
+            rgb.save(out, format="JPEG", quality=_JPEG_QUALITY, **extra)
+            return "jpg", out.getvalue(), size
+    except Exception as exc:  # Pillow's many exception types all mean "not a usable image"
+        raise UnreadableSource(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _prepare_sample(item: SourceItem, to_jpeg: bool, verify: bool) -> tuple[dict[str, Any], bool]:
+    """The members of one sample and whether its image was re-encoded."""
+    from sdtrain.data.transforms import normalize_caption
+
+    try:
+        data = item.path.read_bytes()
+    except OSError as err:
+        raise UnreadableSource(err.strerror or str(err)) from err
+    ext, image, (width, height) = encode_image(data, to_jpeg, verify)
+    meta = dict(item.meta)
+    if item.sidecar is not None:
+        try:
+            sidecar = json.loads(item.sidecar.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UnreadableSource(f"bad json sidecar {item.sidecar.name}: {err}") from err
+        if not isinstance(sidecar, dict):
+            raise UnreadableSource(f"json sidecar {item.sidecar.name} is not an object")
+        meta.update(sidecar)
+    caption = normalize_caption(item.caption)
+    if not caption and isinstance(meta.get("caption"), str):
+        caption = normalize_caption(meta["caption"])
+    meta["caption"] = caption
+    meta["path"] = item.label
+    meta["width"], meta["height"] = width, height
+    meta.setdefault("original_width", width)
+    meta.setdefault("original_height", height)
+    converted = ext == "jpg" and image is not data
+    return {ext: image, "txt": caption, "json": meta}, converted
+
+
+def make_shards(
+    src: str | Path,
+    out: str | Path,
+    per_shard: int = 1000,
+    to_jpeg: bool = False,
+    verify: bool = False,
+    path_column: str = "path",
+    caption_column: str = "caption",
+) -> MakeShardsResult:
+    """Write img2dataset-style shards of ``src`` (folder, ``.csv`` or ``.parquet``) to ``out``.
+
+    Each sample is ``<key>.<jpg|png|webp|...>`` + ``.txt`` (the normalised caption) + ``.json``:
+    for folders the ``.json`` sidecar (if any), for tables every column except path and caption;
+    plus ``caption``, ``path`` (as given), ``width`` / ``height`` of the stored image and
+    ``original_width`` / ``original_height`` (from the header unless the metadata has them),
+    sizes upright after EXIF orientation. Unreadable sources are skipped and listed in the result.
+    """
+    from sdtrain.data.writer import ShardWriter
+
+    src, out = Path(src), Path(out)
+    if per_shard < 1:
+        raise ConfigError("must be >= 1", key="--per-shard")
+    if src.is_dir():
+        items = iter_folder(src)
+    elif src.is_file() and src.suffix.lower() in (".csv", ".parquet", ".pq"):
+        items = iter_table(src, path_column, caption_column)
+    elif not src.exists():
+        raise DataError(f"source {src} does not exist")
+    else:
+        raise ConfigError(f"{src} is neither a folder nor a .csv / .parquet table", key="SRC")
+    if not items:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {src}")
+    if out.is_dir() and any(out.glob("*.tar")):
+        raise ConfigError(f"{out} already holds .tar shards: choose an empty folder", key="OUT")
+
+    result = MakeShardsResult()
+    with (
+        ShardWriter(out, per_shard=per_shard) as writer,
+        _progress(total=len(items), unit="img", desc="make-shards") as bar,
+    ):
+        for item in items:
+            bar.update()
+            try:
+                members, converted = _prepare_sample(item, to_jpeg, verify)
+            except UnreadableSource as err:
+                result.skipped.append((item.label, str(err)))
+                bar.set_postfix(skipped=len(result.skipped), refresh=False)
+                continue
+            writer.write(members)
+            result.written += 1
+            result.converted += converted
+    result.shards = list(writer.written)
+    if result.skipped:
+        lines = [f"{path}\t{reason}" for path, reason in result.skipped]
+        (out / "skipped.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return result
+
+
+def cmd_make_shards(args: argparse.Namespace) -> int:
+    result = make_shards(
+        args.src,
+        args.out,
+        per_shard=args.per_shard,
+        to_jpeg=args.to_jpeg,
+        verify=args.verify,
+        path_column=args.path_column,
+        caption_column=args.caption_column,
+    )
+    print(
+        f"wrote {result.written} sample(s) in {len(result.shards)} shard(s) to {args.out}; "
+        f"skipped {len(result.skipped)} unreadable"
+        + (f"; converted {result.converted} to JPEG" if args.to_jpeg else "")
+    )
+    for path, reason in result.skipped[:_SHOWN_SKIPS]:
+        print(f"  skipped {path}: {reason}")
+    if len(result.skipped) > _SHOWN_SKIPS:
+        print(f"  ... and {len(result.skipped) - _SHOWN_SKIPS} more")
+    if result.skipped:
+        print(f"  (all skipped paths: {Path(args.out) / 'skipped.txt'})")
+    if not result.written:
+        raise DataError(f"none of the images in {args.src} could be read")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# stats
+# ---------------------------------------------------------------------------------------------
+
+
+class ShardStats:
+    """Map-style dataset: item ``i`` runs the configured pipeline over shard ``i`` alone, to the
+    end, and returns its ``DataStats.to_dict()``. Counting per shard (rather than from batches)
+    also covers the samples after a worker's last batch, which no batch reports."""
+
+    def __init__(self, cfg: DataConfig, urls: Sequence[str]) -> None:
+        self.cfg = cfg
+        self.urls = list(urls)
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from sdtrain.data.pipeline import ShardPlan, WorkerPosition, WorkerStream
+
+        plan = ShardPlan([self.urls[index]], self.cfg, 0, 1, 1)
+        stream = WorkerStream(self.cfg, plan, 0, WorkerPosition())
+        for _ in stream.batches():
+            pass
+        return stream.stats.to_dict()
+
+
+def collect_stats(cfg: DataConfig, workers: int = 0) -> Any:
+    """One pass (epoch mode, no shuffling, no error-rate cap) over ``cfg.shards``, shards spread
+    over ``workers`` processes; the summed :class:`~sdtrain.data.filters.DataStats`."""
+    from torch.utils.data import DataLoader
+
+    from sdtrain.data.filters import DataStats
+
+    cfg = dataclasses.replace(
+        cfg, resampled=False, shuffle_buffer=0, num_workers=0, max_error_rate=1.0
+    )
+    urls = shard_urls(cfg.shards)
+    total = DataStats()
+    loader = DataLoader(ShardStats(cfg, urls), batch_size=None, num_workers=workers)
+    data_log = logging.getLogger("sdtrain.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)  # the errors are counted and summarised, not logged one by one
+    try:
+        with _progress(total=len(urls), unit="shard", desc="stats") as bar:
+            for shard_stats in loader:
+                total = total.merge(DataStats.from_dict(shard_stats))
+                bar.update()
+                bar.set_postfix(seen=total.seen, kept=total.kept, refresh=False)
+    finally:
+        data_log.setLevel(level)
+    return total
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    cfg = _config_from_args(args)
+    stats = collect_stats(cfg, _workers(cfg, args.workers))
+    if args.json:
+        print(json.dumps(stats.to_dict()))
+        return 0
+    print(f"seen:     {stats.seen}")
+    print(f"kept:     {stats.kept}" + (f" ({stats.kept / stats.seen:.1%})" if stats.seen else ""))
+    print(f"rejected: {sum(stats.rejected.values())}")
+    for reason, count in sorted(stats.rejected.items()):
+        print(f"  {reason}: {count}")
+    print(f"errors:   {stats.error_count}")
+    for kind, count in sorted(stats.errors.items()):
+        print(f"  {kind}: {count}")
+    if stats.recent_errors:
+        print("last errors:")
+        for line in stats.recent_errors[-5:]:
+            print(f"  {line}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# preview
+# ---------------------------------------------------------------------------------------------
+
+
+def _wrap(draw: Any, text: str, font: Any, width: int) -> list[str]:
+    """Greedy word wrap to ``width`` pixels (over-long words are cut)."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else word
+        if draw.textlength(candidate, font=font) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        while draw.textlength(word, font=font) > width and len(word) > 1:
+            cut = max(1, int(len(word) * width / draw.textlength(word, font=font)))
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
+    if line:
+        lines.append(line)
+    return lines
+
+
+def caption_panel(text: str, width: int, height: int) -> Any:
+    """A light grey ``width`` x ``height`` image with ``text`` wrapped in black (Pillow's default
+    font, scaled with the panel; too many lines end in an ellipsis)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    panel = Image.new("RGB", (width, height), (242, 242, 242))  # set apart from white masks
+    draw = ImageDraw.Draw(panel)
+    try:
+        font = ImageFont.load_default(size=max(10, height // 20))
+    except TypeError:  # Pillow < 10.1: a fixed-size bitmap font only
+        font = ImageFont.load_default()
+    margin = max(4, width // 40)
+    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (10, 2)
+    line_height = ascent + descent + 2
+    lines = _wrap(draw, text, font, width - 2 * margin)
+    fits = max(1, (height - 2 * margin) // line_height)
+    if len(lines) > fits:
+        lines = [*lines[: fits - 1], lines[fits - 1] + " …"]
+    for row, line in enumerate(lines):
+        draw.text((margin, margin + row * line_height), line, fill="black", font=font)
+    return panel
+
+
+def preview_rows(batch_samples: Sequence[Mapping[str, Any]]) -> Any:
+    """Grid of one row per sample: image | mask (white = repaint) | masked image (mid-grey where
+    masked, which is ``image * (1 - mask)`` in the model's [-1, 1] range) | ``key: caption``."""
+    import numpy as np
+    from PIL import Image
+
+    first = batch_samples[0]["image"]
+    height, width = int(first.shape[1]), int(first.shape[2])
+    grid = Image.new("RGB", (4 * width, len(batch_samples) * height), "white")
+    for row, sample in enumerate(batch_samples):
+        image = sample["image"].permute(1, 2, 0).numpy()  # (H, W, 3) uint8
+        mask = sample.get("mask")
+        mask = np.zeros((height, width), np.uint8) if mask is None else mask[0].numpy()
+        masked = np.where(mask[..., None] > 0, np.uint8(128), image)
+        text = f"{sample['key']}: {sample['caption']}"
+        panels = [
+            Image.fromarray(image),
+            Image.fromarray(mask * 255).convert("RGB"),
+            Image.fromarray(masked),
+            caption_panel(text, width, height),
+        ]
+        for column, panel in enumerate(panels):
+            grid.paste(panel, (column * width, row * height))
+    return grid
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from sdtrain.data.pipeline import LaionLoader
+
+    if args.n < 1:
+        raise ConfigError("must be >= 1", key="--n")
+    base = DataConfig(masks=MaskConfig(enabled=True, kind="sd15", preset="512train-large"))
+    cfg = _config_from_args(
+        args, base=base, resampled=False, shuffle_buffer=0, num_workers=0, batch_size=args.n
+    )
+    samples: list[dict[str, Any]] = []
+    for batch in LaionLoader(cfg):
+        for i in range(len(batch["caption"])):
+            samples.append({k: v[i] for k, v in batch.items()})
+        if len(samples) >= args.n:
+            break
+    if not samples:
+        raise DataError(f"no sample of {cfg.shards} passed the filters: nothing to preview")
+    grid = preview_rows(samples[: args.n])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    masks = "with masks" if cfg.masks.enabled else "masks off"
+    print(f"wrote {out} ({len(samples[: args.n])} sample(s), {grid.width}x{grid.height}, {masks})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_loader(cfg: DataConfig, seconds: float, warmup: float) -> dict[str, Any]:
+    """Delivered samples/s of ``LaionLoader(cfg)`` (infinite mode) over ``seconds`` after
+    ``warmup`` seconds (at least one batch) of untimed batches."""
+    from sdtrain.data.pipeline import LaionLoader
+
+    cfg = dataclasses.replace(cfg, resampled=True)
+    batches = iter(LaionLoader(cfg))
+    start = time.perf_counter()
+    warm_batches = 0
+    while True:
+        next(batches)
+        warm_batches += 1
+        now = time.perf_counter()
+        if now - start >= warmup:
+            break
+    samples = count = 0
+    t0 = last = now
+    with _progress(unit="sample", desc="bench", total=None) as bar:
+        while last - t0 < seconds:
+            batch = next(batches)
+            last = time.perf_counter()
+            samples += len(batch["caption"])
+            count += 1
+            bar.update(len(batch["caption"]))
+    del batches  # shuts the DataLoader workers down
+    elapsed = last - t0
+    return {
+        "samples_per_s": samples / elapsed,
+        "workers": cfg.num_workers,
+        "size": cfg.image.size,
+        "width": cfg.image.out_width,
+        "seconds": elapsed,
+        "batches": count,
+        "samples": samples,
+        "batch_size": cfg.batch_size,
+        "warmup_s": now - start,
+        "warmup_batches": warm_batches,
+        "masks": cfg.masks.enabled,
+    }
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.seconds <= 0:
+        raise ConfigError("must be > 0", key="--seconds")
+    cfg = _config_from_args(args)
+    workers = _workers(cfg, args.workers)
+    cfg = dataclasses.replace(cfg, num_workers=workers)
+    warmup = min(2.0, args.seconds / 2) if args.warmup is None else args.warmup
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result = bench_loader(cfg, args.seconds, warmup)
+    finally:
+        torch.set_num_threads(threads)
+    result["torch_threads"] = args.threads or threads
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(
+        f"{result['samples_per_s']:.1f} samples/s ({result['size']}x{result['width']} px, "
+        f"masks {'on' if result['masks'] else 'off'}, {workers} worker(s), batch "
+        f"{cfg.batch_size}: {result['samples']} samples in {result['seconds']:.1f} s after "
+        f"{result['warmup_s']:.1f} s warm-up)"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_pipeline_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "shards",
+        metavar="SHARDS",
+        help="brace pattern ('/data/{00000..00099}.tar', quoted), one .tar path or a folder of "
+        ".tar files; more specs may follow (e.g. the shell's expansion of /data/*.tar)",
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        metavar="FILE",
+        help="data config YAML (only its data: section is read), or a shipped name "
+        "(laion-sd15, laion-sd15-inpainting, laion-sd2, laion-sd2-inpainting); repeat to merge "
+        "several in order. Default: the SD defaults (512 px, the default filters)",
+    )
+    parser.add_argument(
+        "--size", type=int, default=None, help="output size in px, overrides data.image.size"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="overrides applied after the config files, e.g. data.filters.min_size=256 "
+        "(right after SHARDS, before the options)",
+    )
+
+
+def add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``sdtrain data make-shards|stats|preview|bench`` on the top-level subparsers."""
+    data = sub.add_parser(
+        "data",
+        help="make shards from local images; count, preview and benchmark the data pipeline",
+        description="Data tools for LAION-style WebDataset shards (img2dataset layout).",
+    )
+    actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    make = actions.add_parser(
+        "make-shards",
+        help="write img2dataset-style shards from a folder of images or a CSV / parquet table",
+        description="SRC is a folder of images (jpg, jpeg, png, webp, bmp, gif, tif, tiff; "
+        "searched recursively) with <name>.txt captions and optional <name>.json metadata, or "
+        "a .csv / .parquet table with a path column, a caption column and any metadata columns "
+        "(relative paths are relative to the table's folder; parquet needs pyarrow). Each "
+        "sample becomes <key>.jpg|png|webp + .txt (normalised caption) + .json (metadata plus "
+        "caption, path, width, height, original_width, original_height). JPEG bytes are copied "
+        "as they are. Unreadable images are skipped, listed in the summary and in "
+        "OUT/skipped.txt; they never stop the run.",
+    )
+    make.add_argument("src", metavar="SRC", help="folder of images, or a .csv / .parquet table")
+    make.add_argument("out", metavar="OUT", help="output folder for 00000.tar, 00001.tar, ...")
+    make.add_argument(
+        "--per-shard", type=int, default=1000, help="samples per shard (default: 1000)"
+    )
+    make.add_argument(
+        "--to-jpeg",
+        action="store_true",
+        help="re-encode non-JPEG images as JPEG quality 95 (default: keep their bytes and "
+        "extension, e.g. .png, .webp)",
+    )
+    make.add_argument(
+        "--verify",
+        action="store_true",
+        help="decode every image fully, so truncated files are skipped here (default: header "
+        "only, fast; the loader still counts bad images while training)",
+    )
+    make.add_argument(
+        "--path-column", default="path", help="table column with the image paths (default: path)"
+    )
+    make.add_argument(
+        "--caption-column",
+        default="caption",
+        help="table column with the captions (default: caption)",
+    )
+    make.set_defaults(func=cmd_make_shards)
+
+    stats = actions.add_parser(
+        "stats",
+        help="one pass over shards: samples seen, kept, rejected per filter, errors per kind",
+        description="Run the configured pipeline once over SHARDS (epoch mode, no shuffling, "
+        "images decoded so bad ones are found; the error-rate cap is off) and print how many "
+        "samples were seen, kept, rejected per filter reason and unusable per error kind.",
+    )
+    _add_pipeline_args(stats)
+    stats.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="dataloader worker processes; 0 = in this process (default: data.num_workers, at "
+        "most one per shard)",
+    )
+    stats.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object {seen, kept, rejected: {reason: n}, errors: {kind: n}, "
+        "recent_errors} on stdout",
+    )
+    stats.set_defaults(func=cmd_stats)
+
+    preview = actions.add_parser(
+        "preview",
+        help="a PNG grid of samples: image, mask, masked image, caption",
+        description="Take the first N samples that pass the filters and draw one row per "
+        "sample: the training crop, the inpainting mask (white = repaint), the masked image "
+        "(grey where masked) and the caption. Masks are on (sd15, 512train-large) unless the "
+        "config sets data.masks.",
+    )
+    _add_pipeline_args(preview)
+    preview.add_argument("--out", required=True, help="output image file (e.g. grid.png)")
+    preview.add_argument("--n", type=int, default=8, help="samples (rows) to show (default: 8)")
+    preview.set_defaults(func=cmd_preview)
+
+    bench = actions.add_parser(
+        "bench",
+        help="throughput of the configured pipeline in samples/s",
+        description="Run the configured pipeline (shard reading, filters, decode, crop, masks, "
+        "batching; infinite mode) for a warm-up and then SECONDS more, and print the delivered "
+        "samples per second.",
+    )
+    _add_pipeline_args(bench)
+    bench.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="dataloader worker processes; 0 = in this process (default: data.num_workers, at "
+        "most one per shard)",
+    )
+    bench.add_argument(
+        "--seconds", type=float, default=10.0, help="timed duration in seconds (default: 10)"
+    )
+    bench.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="untimed seconds first, at least one batch (default: 2 or half of --seconds, "
+        "whichever is less)",
+    )
+    bench.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads in this process (default: torch's own)",
+    )
+    bench.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object {samples_per_s, workers, size, seconds, batches, ...} on "
+        "stdout",
+    )
+    bench.set_defaults(func=cmd_bench)

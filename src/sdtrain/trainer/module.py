@@ -1,0 +1,202 @@
+"""The LightningModule: wiring only. Encode -> noise -> UNet -> loss -> log; EMA after each step.
+
+Every random draw of a training step (posterior sample, caption dropout, timesteps, noise) comes
+from a generator seeded by ``(seed, global step, rank, micro-batch)``, so a resumed run repeats
+exactly what an uninterrupted one does without saving any RNG state. The frozen autoencoder and
+text encoder are not stored in training checkpoints: they come back from ``init_from``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from sdtrain.config.loader import to_yaml
+from sdtrain.config.schema import ExperimentConfig
+from sdtrain.data.pipeline import LOADER_STATE_KEY, LaionLoader
+from sdtrain.data.transforms import masked_images, to_model_images
+from sdtrain.diffusion.loss import diffusion_loss, sample_noise
+from sdtrain.models.stable_diffusion import StableDiffusion
+from sdtrain.trainer.ema import EMA
+
+log = logging.getLogger("sdtrain.trainer")
+UNET_PREFIX = "model.unet."
+
+
+def step_generator(
+    seed: int, step: int, rank: int, micro: int, device: torch.device
+) -> torch.Generator:
+    """A generator whose draws depend only on where in training they happen."""
+    mixed = (seed * 1_000_003 + step) * 1_000_003 + rank * 4099 + micro
+    return torch.Generator(device=device).manual_seed(mixed % (2**63))
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps: the run stops, the last good checkpoint stays."""
+
+
+class LatentDiffusionModule(pl.LightningModule):
+    """Trains ``model.unet``; everything else is frozen."""
+
+    def __init__(self, cfg: ExperimentConfig, model: StableDiffusion) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.ema = EMA(model.unet, cfg.ema) if cfg.ema.enabled else None
+        self.strict_loading = False  # checkpoints hold the UNet only
+        self.data_states: dict[int, Any] = {}
+        self._micro = 0
+        self._step_skipped = False
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+
+    # --- data -------------------------------------------------------------------------------
+
+    def train_dataloader(self) -> LaionLoader:
+        rank, world = self.global_rank, self.trainer.world_size
+        state = self.data_states.get(rank)
+        return LaionLoader(self.cfg.data, rank, world, state=state, attach_state=True)
+
+    # --- optimisation -----------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optim = self.cfg.optim
+        lr = optim.lr * (self.global_batch_size() if optim.scale_lr else 1)
+        params = [p for p in self.model.unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_multiplier)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def global_batch_size(self) -> int:
+        t = self.cfg.trainer
+        return t.num_nodes * t.devices * t.accumulate_grad_batches * self.cfg.data.batch_size
+
+    # --- the step ---------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        data_state = batch.pop(LOADER_STATE_KEY, None)
+        g = step_generator(
+            self.cfg.seed, self.global_step, self.global_rank, self._micro, self.device
+        )
+        self._micro = (self._micro + 1) % self.cfg.trainer.accumulate_grad_batches
+        if self._micro == 0 and data_state is not None:
+            # Checkpoints fall between optimiser steps, after the step's last micro-batch.
+            self.data_states[self.global_rank] = data_state
+        loss = self.diffusion_loss(batch, g)
+        if not torch.isfinite(loss):
+            self._count_nonfinite("loss")
+            return None
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=len(batch["caption"]))
+        return loss
+
+    def diffusion_loss(self, batch: dict[str, Any], g: torch.Generator) -> torch.Tensor:
+        """The training loss of one batch, every random draw taken from ``g``."""
+        model, cfg = self.model, self.cfg
+        images = to_model_images(batch["image"].to(self.device))  # (B, 3, H, W) in [-1, 1]
+        latents = model.encode_images(images, generator=g)  # (B, 4, h, w), scaled
+        b = latents.shape[0]
+        drop = torch.rand(b, generator=g, device=self.device) < cfg.trainer.text_dropout
+        captions = ["" if d else c for d, c in zip(drop.tolist(), batch["caption"], strict=True)]
+        with torch.no_grad():
+            context = model.text_encoder.encode(captions)  # (B, 77, D)
+        cond = None
+        if cfg.model.conditioning == "inpainting":
+            mask = batch["mask"].to(self.device)
+            masked = model.encode_images(masked_images(images, mask), generator=g)
+            cond = model.conditioning_channels(
+                latents.shape[-2:], mask=mask, masked_image_latents=masked
+            )
+        elif cfg.model.conditioning == "depth":
+            cond = model.conditioning_channels(
+                latents.shape[-2:], depth=batch["depth"].to(self.device)
+            )
+        t = torch.randint(0, model.schedule.num_timesteps, (b,), generator=g, device=self.device)
+        noise = sample_noise(latents, cfg.model.diffusion.offset_noise, g)
+        noisy = model.schedule.q_sample(latents, t, noise)
+        unet_in = model.unet_input(noisy, cond)
+        if cfg.trainer.channels_last:
+            unet_in = unet_in.contiguous(memory_format=torch.channels_last)
+        prediction = model.unet(unet_in, t, context)
+        return diffusion_loss(
+            model.schedule, prediction, model.schedule.target(latents, t, noise), t
+        )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.model.unet.parameters() if p.grad is not None]
+        if not grads:  # the loss was non-finite: nothing to step with
+            self._step_skipped = True
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if not torch.isfinite(norm) and self.cfg.trainer.precision != "16-mixed":
+            # fp16's GradScaler skips overflowing steps itself; elsewhere we skip the step.
+            optimizer.zero_grad(set_to_none=True)
+            self._step_skipped = True
+            self._count_nonfinite("gradient")
+            return
+        self.log("train/grad_norm", norm, on_step=True)
+        self.nonfinite_in_a_row = 0
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimiser step, then the EMA update: before any batch-end hook (checkpoints)."""
+        self._step_skipped = False
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None and not self._step_skipped:
+            self.ema.update(self.model.unet)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True, on_step=True)
+
+    def _count_nonfinite(self, what: str) -> None:
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        log.warning("step %d: non-finite %s, step skipped", self.global_step, what)
+        limit = self.cfg.trainer.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteError(
+                f"{self.nonfinite_in_a_row} consecutive steps had a non-finite {what} "
+                f"(trainer.max_nonfinite_steps={limit}); stopping. The last good checkpoint is "
+                "kept; lower the learning rate, use bf16 instead of fp16, or check the data."
+            )
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k.startswith(UNET_PREFIX)
+        }
+        checkpoint["sdtrain"] = {
+            "config": to_yaml(self.cfg),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "data": gather_data_states(self.data_states.get(self.global_rank)),
+            "nonfinite_total": self.nonfinite_total,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get("sdtrain", {})
+        if self.ema is not None and extra.get("ema") is not None:
+            self.ema.load_state_dict(extra["ema"])
+        self.nonfinite_total = int(extra.get("nonfinite_total", 0))
+        states = extra.get("data") or []
+        self.data_states = {rank: s for rank, s in enumerate(states) if s is not None}
+
+
+def gather_data_states(own: Any) -> list[Any]:
+    """Every rank's loader position, indexed by rank (one entry without distribution)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [own]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, own)
+    return states
+
+
+def effective_batch_line(module: LatentDiffusionModule) -> str:
+    t, d = module.cfg.trainer, module.cfg.data
+    total = module.global_batch_size()
+    return (
+        f"global batch {total} = {t.num_nodes} node(s) x {t.devices} device(s) x "
+        f"{t.accumulate_grad_batches} accumulation x {d.batch_size} per device"
+    )
