@@ -23,6 +23,7 @@ from sdtrain.trainer.config import (
     OptimConfig,
     RunConfig,
     TrainerConfig,
+    ValidationConfig,
 )
 from sdtrain.trainer.ema import EMAConfig
 
@@ -97,6 +98,8 @@ class ExperimentConfig:
     """EMA of the UNet."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Training-state checkpoints."""
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Sample grids and held-out loss during training."""
     run: RunConfig = field(default_factory=RunConfig)
     """The run folder."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -127,3 +127,48 @@ class LoggingConfig:
     """wandb project."""
     csv: bool = True
     """Write ``metrics.csv`` in the run folder."""
+
+
+@dataclass
+class ValidationConfig:
+    """Periodic validation: sample grids for fixed prompts (and image + mask pairs for
+    inpainting) and the loss on held-out shards, per timestep bucket."""
+
+    every_n_steps: int = 0
+    """Validate every N optimiser steps (0 = never)."""
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "a photograph of an astronaut riding a horse",
+            "a red circle above a blue square on a white background",
+            "a painting of a lighthouse at sunset",
+            "",
+        ]
+    )
+    """Fixed prompts sampled at every validation."""
+    samplers: list[str] = field(default_factory=lambda: ["ddim", "plms"])
+    """Samplers to run (each gives one grid)."""
+    steps: int = 50
+    """Sampling steps."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale."""
+    seed: int = 0
+    """Seed of the initial noise (the same every validation, so grids are comparable)."""
+    use_ema: bool = True
+    """Sample with the EMA weights (when EMA is on)."""
+    image_size: int = 0
+    """Sample resolution in pixels (0 = data.image.size)."""
+    shards: list[str] = field(default_factory=list)
+    """Held-out shards for the validation loss (empty = no validation loss)."""
+    loss_batches: int = 4
+    """Batches of held-out data per validation."""
+    loss_buckets: int = 4
+    """Timestep buckets the validation loss is reported in (equal ranges of [0, T))."""
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps < 0:
+            raise ConfigError("must be >= 0 (0 = off)", key="every_n_steps")
+        if self.steps < 1:
+            raise ConfigError("must be >= 1", key="steps")
+        unknown = [s for s in self.samplers if s not in ("ddim", "plms")]
+        if unknown:
+            raise ConfigError(f"unknown sampler(s) {unknown}; choose ddim, plms", key="samplers")
