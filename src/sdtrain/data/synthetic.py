@@ -43,6 +43,15 @@ def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
+def depth_png(image: Image.Image) -> bytes:
+    """A 16-bit PNG depth stand-in: the blurred luminance of ``image``, scaled to 0..65535."""
+    luma = np.asarray(image.convert("L").filter(ImageFilter.GaussianBlur(4)), dtype=np.float64)
+    depth = (luma / 255.0 * 65535).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(depth).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 @dataclass
 class SyntheticSpec:
     """What a synthetic shard set holds."""
@@ -56,6 +65,8 @@ class SyntheticSpec:
     """Share of samples whose metadata one of the default filters rejects."""
     corrupt_fraction: float = 0.0
     """Share of samples with a truncated JPEG."""
+    depth: bool = False
+    """Add a 16-bit ``depth.png`` member (a stand-in depth: the image's blurred luminance)."""
     seed: int = 0
 
 
@@ -90,8 +101,16 @@ def write_synthetic_shards(out_dir: str | Path, spec: SyntheticSpec) -> list[Pat
                     meta["punsafe"] = 0.5
                 else:
                     meta["original_width"] = meta["original_height"] = 200
-            data = jpeg_bytes(photo_like(rng, width, height))
+            image = photo_like(rng, width, height)
+            data = jpeg_bytes(image)
             if rng.random() < spec.corrupt_fraction:
                 data = data[: len(data) // 3]
-            writer.write({"jpg": data, "txt": meta["caption"], "json": meta})
+            members: dict[str, bytes | str | dict] = {
+                "jpg": data,
+                "txt": meta["caption"],
+                "json": meta,
+            }
+            if spec.depth:
+                members["depth.png"] = depth_png(image)
+            writer.write(members)
     return writer.written

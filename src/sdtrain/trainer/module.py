@@ -65,13 +65,32 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optim = self.cfg.optim
-        lr = optim.lr * (self.global_batch_size() if optim.scale_lr else 1)
+        lr = self.configured_lr()
         params = [p for p in self.model.unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configured_lr(self) -> float:
+        optim = self.cfg.optim
+        return optim.lr * (self.global_batch_size() if optim.scale_lr else 1)
+
+    def on_train_start(self) -> None:
+        """After a resume, the LR follows the current config (a new stage may change it); the
+        optimiser state, weights and EMA are kept."""
+        lr = self.configured_lr()
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            groups = scheduler.optimizer.param_groups
+            scheduler.base_lrs = [lr] * len(groups)
+            scheduler.lr_lambdas = [self.cfg.optim.lr_multiplier] * len(groups)
+            for group in groups:
+                group["initial_lr"] = lr
+                group["lr"] = lr * self.cfg.optim.lr_multiplier(scheduler.last_epoch)
+        if self.ema is not None:
+            self.ema.to(self.device)
 
     def global_batch_size(self) -> int:
         t = self.cfg.trainer
