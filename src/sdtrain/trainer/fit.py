@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from sdtrain.config.schema import ExperimentConfig
 from sdtrain.models.checkpoint import CheckpointError, data_only_globals, read_checkpoint
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.module import LatentDiffusionModule, effective_batch_line
+from sdtrain.trainer.validation import validation_callbacks
 
 log = logging.getLogger("sdtrain.trainer")
 CHECKPOINT_RE = re.compile(r"^step=(\d+)\.ckpt$")
@@ -74,7 +76,7 @@ def prepare_run(cfg: ExperimentConfig) -> RunPlan:
         return RunPlan(folder, existing[-1][1] if existing else None)
     if resume:
         path = Path(resume)
-        if not path.is_file():
+        if not path.exists():  # a file, or a DeepSpeed checkpoint folder
             raise ConfigError(f"checkpoint {path} does not exist", key="resume")
         return RunPlan(folder, path)
     if existing:
@@ -137,7 +139,10 @@ class StepCheckpoint(Callback):
         self._saved_step = step
         if trainer.is_global_zero:
             for _, old in step_checkpoints(self.folder)[: -self.keep]:
-                old.unlink(missing_ok=True)
+                if old.is_dir():  # DeepSpeed saves a checkpoint as a folder
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.global_step % self.every == 0:
@@ -254,6 +259,7 @@ def build_trainer(cfg: ExperimentConfig, plan: RunPlan) -> pl.Trainer:
                 plan.checkpoints, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last
             ),
             ThroughputMonitor(),
+            *validation_callbacks(cfg, plan.dir),
         ],
         plugins=plugins,
         enable_checkpointing=False,
@@ -281,5 +287,12 @@ def fit(cfg: ExperimentConfig) -> Path:
         print(f"sdtrain fit: {cfg.model.name} -> {plan.dir}")
         print(f"  {effective_batch_line(module)}")
         print(f"  resume from: {plan.resume_from or 'nothing (fresh start)'}")
-    trainer.fit(module, ckpt_path=str(plan.resume_from) if plan.resume_from else None)
+    try:
+        trainer.fit(module, ckpt_path=str(plan.resume_from) if plan.resume_from else None)
+    finally:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                # Lightning leaves the wandb run open; a second fit in this process would log
+                # into it.
+                logger.experiment.finish()
     return plan.dir

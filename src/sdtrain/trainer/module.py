@@ -149,7 +149,9 @@ class LatentDiffusionModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.model.unet.parameters() if p.grad is not None]
         if not grads:  # the loss was non-finite: nothing to step with
-            self._step_skipped = True
+            # ... or DeepSpeed ZeRO, which keeps the gradients in its own partitioned buffers.
+            zero = isinstance(self.trainer.strategy, pl.strategies.DeepSpeedStrategy)
+            self._step_skipped = not zero
             return
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         if not torch.isfinite(norm) and self.cfg.trainer.precision != "16-mixed":
