@@ -1,8 +1,8 @@
 """The ``sdtrain`` command: one entry point, one subcommand per job.
 
-Subcommands so far: ``smoke`` (the end-to-end check that the models work), ``config`` (validate and
-print a resolved config) and ``checkpoint inspect|convert`` (original-layout files). Training,
-sampling, export, data and SLURM subcommands arrive with their issues.
+Subcommands: ``fit``, ``sample``, ``export``, ``data make-shards|stats|preview|bench``,
+``smoke`` (end-to-end model check), ``config`` (validate and print a resolved config) and
+``checkpoint inspect|convert`` (original-layout files). ``slurm`` arrives with the launch issue.
 
 Exit codes: 0 ok, 2 usage or config error, 1 run failure.
 """
@@ -131,6 +131,27 @@ def cmd_checkpoint_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from sdtrain.launch.export import export_run
+
+    print(export_run(args.src, args.out, use_ema=args.ema, with_ema=args.with_ema).summary())
+    return EXIT_OK
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from sdtrain.launch.sample import sample_to_file
+
+    result = sample_to_file(
+        args.checkpoint, args.prompt, args.out,
+        config=_load(args) if args.config or args.overrides else None, use_ema=args.ema,
+        negative_prompt=args.negative_prompt, image=args.image, mask=args.mask,
+        sampler=args.sampler, steps=args.steps, scale=args.scale, eta=args.eta, seed=args.seed,
+        size=args.size, n=args.n, device=args.device,
+    )  # fmt: skip
+    print(result.summary())
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------------------------
 # Parser
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +230,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.set_defaults(func=cmd_checkpoint_convert)
 
+    export = sub.add_parser(
+        "export",
+        help="write a run's checkpoint as one original-layout .ckpt / .safetensors",
+        description="Rebuild the run's model (frozen autoencoder and text encoder from its "
+        "init_from or seeded init) and write UNet, VAE, text encoder and schedule in the "
+        "original layout. By default the EMA weights become the UNet, as in released files.",
+    )
+    export.add_argument("src", help="run folder (its newest step checkpoint) or step=N.ckpt")
+    export.add_argument("out", help="output .ckpt or .safetensors (the suffix picks the format)")
+    weights = export.add_mutually_exclusive_group()
+    weights.add_argument(
+        "--ema", action="store_true", default=None, help="UNet = EMA (default when there is one)"
+    )
+    weights.add_argument("--no-ema", dest="ema", action="store_false", help="UNet = raw weights")
+    export.add_argument(
+        "--with-ema", action="store_true", help="raw UNet plus the EMA stored as model_ema.*"
+    )
+    export.set_defaults(func=cmd_export)
+
+    smp = sub.add_parser(
+        "sample",
+        help="text-to-image or inpainting samples from a run or an original-layout checkpoint",
+        description="Sample with DDIM or PLMS and classifier-free guidance (the negative prompt "
+        "is the unconditional side). A run folder or step checkpoint carries its config; an "
+        "original-layout file needs --config with its model config.",
+    )
+    smp.add_argument(
+        "--checkpoint", required=True, help="run folder, step=N.ckpt or original .ckpt/.safetensors"
+    )
+    smp.add_argument("--prompt", required=True)
+    smp.add_argument("--negative-prompt", default="", help="unconditional prompt (default: '')")
+    smp.add_argument("--image", default=None, help="inpainting: the image to repaint")
+    smp.add_argument("--mask", default=None, help="inpainting: mask image, white = repaint")
+    smp.add_argument("--sampler", choices=("ddim", "plms"), default="ddim")
+    smp.add_argument("--steps", type=int, default=50)
+    smp.add_argument("--scale", type=float, default=7.5, help="guidance scale (default 7.5)")
+    smp.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    smp.add_argument("--seed", type=int, default=None, help="default: drawn and printed")
+    smp.add_argument("--size", type=int, default=None, help="pixels (default: training size)")
+    smp.add_argument("--n", type=int, default=1, help="images; more than one makes a grid")
+    smp.add_argument("--out", required=True, help="output .png")
+    smp.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    weights = smp.add_mutually_exclusive_group()
+    weights.add_argument(
+        "--ema", action="store_true", default=None, help="EMA weights (default when there are any)"
+    )
+    weights.add_argument("--no-ema", dest="ema", action="store_false", help="raw weights")
+    _add_config_args(smp)
+    smp.set_defaults(func=cmd_sample)
+
     from sdtrain.launch.data_cli import add_data_commands
 
     add_data_commands(sub)
@@ -219,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     from sdtrain.data.shards import DataError
     from sdtrain.models.checkpoint import CheckpointError
+    from sdtrain.trainer.module import NonFiniteError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -232,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except DataError as err:
         print(f"sdtrain: data error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    except NonFiniteError as err:
+        print(f"sdtrain: training stopped: {err}", file=sys.stderr)
         return EXIT_FAILURE
 
 

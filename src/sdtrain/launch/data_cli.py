@@ -94,13 +94,21 @@ def load_data_config(
 
     from sdtrain.config.loader import COMMAND_LINE, build_dataclass, parse_overrides, read_yaml
 
+    for item in overrides:
+        if not item.startswith("data."):
+            raise ConfigError(
+                f"the data commands take data.* overrides only, got {item!r} (did you mean "
+                f"'data.{item}'?)",
+                source=COMMAND_LINE,
+            )
     merged = OmegaConf.structured(DataRoot(data=base or DataConfig()))
     sources = []
     named = [(str(p), read_yaml(p)) for p in paths]
     if overrides:
         named.append((COMMAND_LINE, parse_overrides(overrides)))
     for source, node in named:
-        section = OmegaConf.create({"data": node["data"]} if "data" in node else {})
+        data = node.get("data")
+        section = OmegaConf.create({} if data is None else {"data": data})
         try:
             merged = OmegaConf.merge(merged, section)
         except OmegaConfBaseException as err:
