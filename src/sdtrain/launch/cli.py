@@ -89,6 +89,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
         print(to_yaml(cfg), end="")
         return EXIT_OK
+    if args.dry_run:
+        from sdtrain.trainer.fit import dry_run
+
+        print(dry_run(cfg))
+        return EXIT_OK
     fit(cfg)
     return EXIT_OK
 
@@ -174,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(fit)
     fit.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    fit.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build everything (models on the meta device, data pipeline opened, strategy "
+        "resolved) and print the plan without training",
     )
     fit.set_defaults(func=cmd_fit)
 

@@ -21,11 +21,13 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from sdtrain.config.errors import ConfigError
 from sdtrain.config.loader import to_dict, to_yaml
 from sdtrain.config.schema import ExperimentConfig
+from sdtrain.launch.slurm import PreemptionCallback, check_allocation, in_slurm_step
 from sdtrain.models.checkpoint import CheckpointError, data_only_globals, read_checkpoint
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.module import LatentDiffusionModule, effective_batch_line
@@ -131,7 +133,8 @@ class StepCheckpoint(Callback):
         self.keep = keep
         self._saved_step = -1
 
-    def _save(self, trainer: pl.Trainer) -> None:
+    def save(self, trainer: pl.Trainer) -> None:
+        """Checkpoint the current step (once) and prune old checkpoints."""
         step = trainer.global_step
         if step == self._saved_step or step == 0:
             return
@@ -146,10 +149,10 @@ class StepCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.global_step % self.every == 0:
-            self._save(trainer)
+            self.save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._save(trainer)
+        self.save(trainer)
 
 
 class ThroughputMonitor(Callback):
@@ -242,6 +245,12 @@ def build_trainer(cfg: ExperimentConfig, plan: RunPlan) -> pl.Trainer:
         plugins.append(AtomicCheckpointIO())
     if t.strategy == "ddp":
         strategy = pl.strategies.DDPStrategy(find_unused_parameters=False)
+    if in_slurm_step():
+        # Preemption is ours (PreemptionCallback): checkpoint in the run folder, then requeue.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    checkpoints = StepCheckpoint(
+        plan.checkpoints, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last
+    )
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -255,9 +264,8 @@ def build_trainer(cfg: ExperimentConfig, plan: RunPlan) -> pl.Trainer:
         deterministic=t.deterministic,
         logger=build_loggers(cfg, plan.dir),
         callbacks=[
-            StepCheckpoint(
-                plan.checkpoints, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last
-            ),
+            checkpoints,
+            PreemptionCallback(checkpoints.save),
             ThroughputMonitor(),
             *validation_callbacks(cfg, plan.dir),
         ],
@@ -277,6 +285,7 @@ def fit(cfg: ExperimentConfig) -> Path:
     warnings.filterwarnings(
         "ignore", message=r".*module\(s\) in eval mode at the start of training"
     )
+    check_allocation(cfg.trainer.devices, cfg.trainer.num_nodes)
     plan = prepare_run(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     plan.dir.mkdir(parents=True, exist_ok=True)
@@ -296,3 +305,66 @@ def fit(cfg: ExperimentConfig) -> Path:
                 # into it.
                 logger.experiment.finish()
     return plan.dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Dry run
+# ---------------------------------------------------------------------------------------------
+
+
+def dry_run(cfg: ExperimentConfig) -> str:
+    """Build everything without training: models on the meta device, the data pipeline opened
+    (shards listed, split checked, first sample read), the strategy resolved. Returns the plan."""
+    from sdtrain.data.pipeline import ShardPlan
+    from sdtrain.data.shards import expand_shards, iter_samples
+    from sdtrain.models.stable_diffusion import build_stable_diffusion
+
+    plan = prepare_run(cfg)
+    model = build_stable_diffusion(cfg.model, device="meta")
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    t = cfg.trainer
+    lines = [
+        f"sdtrain fit --dry-run: {cfg.model.name} ({cfg.model.conditioning}, "
+        f"{cfg.model.diffusion.parameterization} objective)",
+        f"  run folder: {plan.dir}",
+        f"  resume from: {plan.resume_from or 'nothing (fresh start)'}",
+        f"  init from: {cfg.init_from or 'random initialisation'}",
+        f"  parameters: UNet {count(model.unet):,} (trained), autoencoder "
+        f"{count(model.autoencoder):,}, text encoder {count(model.text_encoder):,} (frozen)",
+        f"  {global_batch_text(cfg)}",
+        f"  steps: {t.max_steps:,}, LR {cfg.optim.lr:g} (warm-up {cfg.optim.warmup_steps:,} "
+        f"steps), precision {t.precision}, accumulation {t.accumulate_grad_batches}",
+        f"  strategy: {resolved_strategy(cfg)} on {t.num_nodes} node(s) x {t.devices} "
+        f"{t.accelerator} device(s)",
+        f"  checkpoints: every {cfg.checkpoint.every_n_steps:,} steps, newest "
+        f"{cfg.checkpoint.keep_last} kept, in {plan.checkpoints}",
+    ]
+    if cfg.data.shards:
+        urls = expand_shards(cfg.data.shards)
+        shard_plan = ShardPlan(urls, cfg.data, 0, t.num_nodes * t.devices, cfg.data.num_workers)
+        first = next(iter_samples(urls[shard_plan.worker_shards(0, 0)[0]]), None)
+        members = sorted(first.members) if first else []
+        lines.append(
+            f"  data: {len(urls):,} shard(s) for {t.num_nodes * t.devices} rank(s) x "
+            f"{max(cfg.data.num_workers, 1)} worker(s); first sample {first.key if first else '-'} "
+            f"with members {members}; {cfg.data.image.height}x{cfg.data.image.out_width} px"
+        )
+    else:
+        lines.append("  data: no shards configured (set data.shards)")
+    return "\n".join(lines)
+
+
+def global_batch_text(cfg: ExperimentConfig) -> str:
+    t, d = cfg.trainer, cfg.data
+    total = t.num_nodes * t.devices * t.accumulate_grad_batches * d.batch_size
+    return (
+        f"global batch {total} = {t.num_nodes} node(s) x {t.devices} device(s) x "
+        f"{t.accumulate_grad_batches} accumulation x {d.batch_size} per device"
+    )
+
+
+def resolved_strategy(cfg: ExperimentConfig) -> str:
+    t = cfg.trainer
+    if t.strategy != "auto":
+        return t.strategy
+    return "ddp" if t.devices * t.num_nodes > 1 else "single device"

@@ -1,0 +1,333 @@
+"""SLURM: render and submit the training job, check the allocation, survive preemption.
+
+``sdtrain slurm submit`` resolves the config, snapshots it into the run folder, renders a batch
+script from the same settings the trainer uses (nodes x tasks per node = num_nodes x devices) and
+submits it with ``sbatch``. The script runs ``srun sdtrain fit --config <snapshot>
+run.dir=<run> resume=auto``, so a requeued job continues in the same folder from its own newest
+checkpoint. On SIGUSR1 (sent ``--signal=USR1@<s>`` seconds before the time limit, or by
+``scancel --signal=USR1``) or SIGTERM, ``PreemptionCallback`` makes every rank stop at the same
+step, writes a checkpoint and requeues the job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.callbacks import Callback
+
+from sdtrain.config.errors import ConfigError
+
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+SBATCH_TEMPLATE = Template(
+    """#!/bin/bash
+# sdtrain training job "${job_name}": ${nodes} node(s) x ${tasks} task(s) per node, one task per
+# ${task_unit}. Rendered by `sdtrain slurm submit`; submit it again with `sbatch <this file>` to
+# continue the run (it resumes from the run folder's newest checkpoint).
+#SBATCH --job-name=${job_name}
+#SBATCH --nodes=${nodes}
+#SBATCH --ntasks-per-node=${tasks}
+${gpu_line}#SBATCH --cpus-per-task=${cpus_per_task}
+#SBATCH --time=${time}
+#SBATCH --signal=USR1@${signal_seconds}
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=${run_dir}/slurm/%j.out
+${extra_lines}
+set -euo pipefail
+
+# Rendezvous: the first node of the allocation, a port derived from the job id.
+MASTER_ADDR=$$(scontrol show hostnames "$$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=$$((20000 + SLURM_JOB_ID % 20000))
+export MASTER_ADDR MASTER_PORT
+
+# NCCL: fail fast on a hung collective instead of waiting forever; keep the log readable.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+export NCCL_DEBUG=$${NCCL_DEBUG:-WARN}
+# Data-loader workers and torch threads share the task's CPUs.
+export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
+
+echo "sdtrain: job $$SLURM_JOB_ID restart $${SLURM_RESTART_COUNT:-0} on $$SLURM_JOB_NODELIST"
+srun --kill-on-bad-exit=1 ${command}
+"""
+)
+
+
+@dataclass
+class SlurmOptions:
+    """What ``sdtrain slurm submit`` asks SLURM for."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: int = 0
+    """One task per GPU by default; set for CPU-only jobs (``gpus_per_node`` 0)."""
+    cpus_per_task: int = 8
+    time: str = "24:00:00"
+    signal_seconds: int = 300
+    """SIGUSR1 this long before the time limit: enough to write a checkpoint."""
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    job_name: str = ""
+    sbatch_args: list[str] = field(default_factory=list)
+    """Further ``#SBATCH`` options, e.g. ``--exclusive``."""
+
+    @property
+    def tasks(self) -> int:
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+
+def time_limit_seconds(text: str) -> int | None:
+    """SLURM time (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``) in seconds."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
+        return None
+    days, a, b, c = (int(g) if g else None for g in match.groups())
+    if days is not None:
+        h, m, s = a, b or 0, c or 0
+    elif c is not None:
+        h, m, s = a, b, c
+    elif b is not None:
+        h, m, s = 0, a, b
+    else:
+        h, m, s = 0, a, 0
+    return (days or 0) * 86400 + h * 3600 + m * 60 + s
+
+
+def check_options(options: SlurmOptions) -> None:
+    for key in ("nodes", "cpus_per_task"):
+        if getattr(options, key) < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1")
+    limit = time_limit_seconds(options.time)
+    if limit is None:
+        raise ConfigError(f"--time {options.time!r} is not a SLURM time (e.g. 24:00:00, 2-00:00)")
+    if limit <= 2 * options.signal_seconds:
+        # SLURM would send the warning signal right at the start and the job would requeue at once.
+        raise ConfigError(
+            f"--time {options.time} leaves no room for --signal-seconds {options.signal_seconds}: "
+            "the warning must come well after the start; use a longer time or a shorter warning"
+        )
+
+
+def sdtrain_command() -> list[str]:
+    """How to run this very sdtrain (same interpreter / virtual environment) on the nodes."""
+    return [sys.executable, "-m", "sdtrain.launch.cli"]
+
+
+def render_sbatch(options: SlurmOptions, run_dir: Path, config_snapshot: Path) -> str:
+    """The batch script for a run folder whose resolved config is ``config_snapshot``."""
+    check_options(options)
+    extra = [
+        f"#SBATCH --{name}={value}"
+        for name, value in (
+            ("partition", options.partition),
+            ("account", options.account),
+            ("qos", options.qos),
+            ("constraint", options.constraint),
+        )
+        if value
+    ] + [f"#SBATCH {arg}" for arg in options.sbatch_args]
+    command = [*sdtrain_command(), "fit", "--config", str(config_snapshot)]
+    command += [f"run.dir={run_dir}", "resume=auto"]
+    return SBATCH_TEMPLATE.substitute(
+        job_name=options.job_name or run_dir.name,
+        nodes=options.nodes,
+        tasks=options.tasks,
+        task_unit="GPU" if options.gpus_per_node else "CPU process",
+        gpu_line=f"#SBATCH --gpus-per-node={options.gpus_per_node}\n"
+        if options.gpus_per_node
+        else "",
+        cpus_per_task=options.cpus_per_task,
+        time=options.time,
+        signal_seconds=options.signal_seconds,
+        run_dir=run_dir,
+        extra_lines="\n".join(extra),
+        command=shlex.join(command),
+    )
+
+
+def allocation_overrides(options: SlurmOptions) -> list[str]:
+    """Trainer settings that make the run agree with the allocation."""
+    overrides = [f"trainer.num_nodes={options.nodes}", f"trainer.devices={options.tasks}"]
+    if not options.gpus_per_node:
+        overrides.append("trainer.accelerator=cpu")
+    return overrides
+
+
+def submit(
+    config_paths: Sequence[str | Path],
+    overrides: Sequence[str],
+    options: SlurmOptions,
+    dry_run: bool = False,
+) -> tuple[str, Path, str | None]:
+    """Resolve, snapshot, render and (unless ``dry_run``) sbatch; returns (script, path, job)."""
+    from sdtrain.config.loader import load_config, to_yaml
+    from sdtrain.trainer.fit import prepare_run
+
+    check_options(options)
+    cfg = load_config(config_paths, [*overrides, *allocation_overrides(options)])
+    plan = prepare_run(cfg)  # refuses a folder holding another run's checkpoints
+    run_dir = plan.dir.resolve()
+    snapshot = run_dir / "slurm" / "config.yaml"
+    script = render_sbatch(options, run_dir, snapshot)
+    path = run_dir / "slurm" / "train.sbatch"
+    if dry_run:
+        return script, path, None
+    if shutil.which("sbatch") is None:
+        raise RuntimeError("sbatch is not on PATH: is this a SLURM login node?")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.write_text(to_yaml(cfg))
+    path.write_text(script)
+    result = subprocess.run(
+        ["sbatch", "--parsable", str(path)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"sbatch failed: {result.stderr.strip() or result.stdout.strip()}")
+    job = result.stdout.strip().split(";")[0]
+    with (run_dir / "slurm" / "jobs").open("a") as handle:
+        handle.write(f"{job}\n")
+    return script, path, job
+
+
+def status(run_dir: Path) -> str:
+    """The run's jobs (as SLURM reports them) and its newest checkpoint."""
+    from sdtrain.trainer.fit import step_checkpoints
+
+    lines = [f"run {run_dir}"]
+    jobs_file = run_dir / "slurm" / "jobs"
+    jobs = jobs_file.read_text().split() if jobs_file.is_file() else []
+    for job in jobs:
+        lines.append(f"  job {job}: {job_state(job)}")
+    if not jobs:
+        lines.append("  no SLURM jobs recorded (submit with `sdtrain slurm submit`)")
+    checkpoints = step_checkpoints(run_dir / "checkpoints")
+    if checkpoints:
+        step, path = checkpoints[-1]
+        lines.append(f"  last checkpoint: step {step} ({path})")
+    else:
+        lines.append("  no checkpoint yet")
+    return "\n".join(lines)
+
+
+def job_state(job: str) -> str:
+    """``STATE (restarts N, reason)`` from scontrol, or why it is unknown."""
+    if shutil.which("scontrol") is None:
+        return "unknown (scontrol not on PATH)"
+    result = subprocess.run(
+        ["scontrol", "show", "job", job], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        return "unknown (no longer known to SLURM)"
+    fields = dict(re.findall(r"(\w+)=(\S+)", result.stdout))
+    return f"{fields.get('JobState', '?')} (restarts {fields.get('Restarts', '0')}, " + (
+        f"reason {fields.get('Reason', 'None')}, nodes {fields.get('NodeList', '?')})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside the job
+# ---------------------------------------------------------------------------------------------
+
+
+def in_slurm_step() -> bool:
+    """True inside an ``srun`` task of a batch job (not on a login node, not under salloc bash)."""
+    return "SLURM_JOB_ID" in os.environ and "SLURM_STEP_ID" in os.environ
+
+
+def tasks_per_node_from_env() -> int | None:
+    """``SLURM_NTASKS_PER_NODE``, else the first count of ``SLURM_TASKS_PER_NODE`` ("8(x2)")."""
+    value = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    if not value:
+        return None
+    match = re.match(r"(\d+)", value)
+    return int(match.group(1)) if match else None
+
+
+def check_allocation(devices: int, num_nodes: int) -> None:
+    """Inside a SLURM step, the trainer's devices x nodes must be the allocation's tasks."""
+    if not in_slurm_step():
+        return
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+    tasks = tasks_per_node_from_env()
+    problems = []
+    if nodes != num_nodes:
+        problems.append(
+            f"the job has {nodes} node(s) but trainer.num_nodes={num_nodes}: set "
+            f"trainer.num_nodes={nodes} or submit with --nodes={num_nodes}"
+        )
+    if tasks is not None and tasks != devices:
+        problems.append(
+            f"the job runs {tasks} task(s) per node but trainer.devices={devices}: set "
+            f"trainer.devices={tasks} or submit with --ntasks-per-node={devices} (one task per "
+            "GPU)"
+        )
+    if problems:
+        raise ConfigError("; ".join(problems), key="trainer.devices")
+
+
+def requeue_job() -> None:
+    """Ask SLURM to requeue this job (it restarts the batch script, which resumes)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    result = subprocess.run(
+        ["scontrol", "requeue", job], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        print(f"sdtrain: scontrol requeue {job} failed: {result.stderr.strip()}", file=sys.stderr)
+
+
+class PreemptionCallback(Callback):
+    """On SIGUSR1 / SIGTERM: every rank stops after the same step, a checkpoint is written and
+    the job is requeued (under SLURM)."""
+
+    def __init__(self, save: Any) -> None:
+        self.save = save  # the StepCheckpoint's save function
+        self.signalled = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signalled = True
+        print(f"sdtrain: received {signal.Signals(signum).name}; checkpointing", file=sys.stderr)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for sig in REQUEUE_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _anyone_signalled(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.signalled else 0.0], device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # only between optimiser steps
+        if not self._anyone_signalled(pl_module.device):
+            return
+        self.save(trainer)
+        trainer.should_stop = True
+        if trainer.is_global_zero and in_slurm_step():
+            requeue_job()
