@@ -41,7 +41,7 @@ def load_config(
             merged = _merge(merged, node, source)
             sources.append((source, node))
     if overrides:
-        node = parse_overrides(overrides)
+        node = parse_overrides(overrides, merged)
         merged = _merge(merged, node, COMMAND_LINE)
         sources.append((COMMAND_LINE, node))
     return build_dataclass(schema, merged, "", sources)  # type: ignore[arg-type]
@@ -82,18 +82,35 @@ def read_with_includes(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[s
     return out
 
 
-def parse_overrides(overrides: Sequence[str]) -> DictConfig:
-    """``["a.b=1", "c=[1,2]"]`` -> a DictConfig; values are parsed as YAML."""
+def parse_overrides(overrides: Sequence[str], schema: DictConfig | None = None) -> DictConfig:
+    """``["a.b=1", "c=[1,2]"]`` -> a DictConfig; values are parsed as YAML.
+
+    A list-typed key given a bare value gets a one-element list, taken verbatim: shard specs
+    such as ``data.shards=/data/{00000..00099}.tar`` are not valid YAML flow syntax.
+    """
+    node = OmegaConf.create({})
     for item in overrides:
-        key, sep, _ = item.partition("=")
-        if not sep or not key.strip():
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(
                 f"override {item!r} is not of the form key=value", source=COMMAND_LINE
             )
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except (yaml.YAMLError, OmegaConfBaseException) as err:
-        raise ConfigError(f"cannot parse overrides: {err}", source=COMMAND_LINE) from err
+        target = OmegaConf.select(schema, key, default=None) if schema is not None else None
+        if isinstance(target, ListConfig) and not raw.lstrip().startswith("["):
+            value: Any = [raw]
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as err:
+                raise ConfigError(
+                    f"cannot parse the value of {key!r}: {err}", key=key, source=COMMAND_LINE
+                ) from None
+        try:
+            OmegaConf.update(node, key, value, force_add=True)
+        except OmegaConfBaseException as err:
+            raise ConfigError(str(err).splitlines()[0], key=key, source=COMMAND_LINE) from None
+    return node
 
 
 def _merge(base: DictConfig, node: DictConfig, source: str) -> DictConfig:

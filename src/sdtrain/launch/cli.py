@@ -98,6 +98,44 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_slurm_submit(args: argparse.Namespace) -> int:
+    from sdtrain.launch.slurm import SlurmOptions, submit
+
+    files = [item for item in args.config if "=" not in item]
+    overrides = [item for item in args.config if "=" in item] + list(args.overrides)
+    if not files:
+        raise ConfigError("no config given: pass --config FILE [FILE ...]")
+    options = SlurmOptions(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+        time=args.time,
+        signal_seconds=args.signal_seconds,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        job_name=args.job_name,
+        sbatch_args=args.sbatch_arg,
+    )
+    paths = [resolve_config_path(p) for p in files]
+    script, path, job = submit(paths, overrides, options, dry_run=args.dry_run)
+    if args.dry_run:
+        print(script, end="")
+        print(f"# (dry run: would be written to {path} and submitted with sbatch)")
+    else:
+        print(f"submitted job {job}: {path}")
+    return EXIT_OK
+
+
+def cmd_slurm_status(args: argparse.Namespace) -> int:
+    from sdtrain.launch.slurm import status
+
+    print(status(Path(args.run)))
+    return EXIT_OK
+
+
 def cmd_smoke(args: argparse.Namespace) -> int:
     from sdtrain.launch.smoke import run_smoke
 
@@ -187,6 +225,57 @@ def build_parser() -> argparse.ArgumentParser:
         "resolved) and print the plan without training",
     )
     fit.set_defaults(func=cmd_fit)
+
+    slurm = sub.add_parser("slurm", help="submit training jobs to SLURM and follow them")
+    slurm_sub = slurm.add_subparsers(dest="action", required=True, metavar="ACTION")
+    submit = slurm_sub.add_parser(
+        "submit",
+        help="render the batch script for a run and submit it with sbatch",
+        description="Resolve the config, snapshot it into the run folder, render a batch script "
+        "whose allocation matches the trainer (nodes x tasks per node = trainer.num_nodes x "
+        "trainer.devices), write it to RUN/slurm/train.sbatch and sbatch it. The job resumes "
+        "from the run's newest checkpoint whenever it (re)starts.",
+    )
+    _add_config_args(submit)
+    submit.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    submit.add_argument(
+        "--gpus-per-node", type=int, default=8, help="GPUs per node, one task each (0: CPU job)"
+    )
+    submit.add_argument(
+        "--tasks-per-node",
+        type=int,
+        default=0,
+        help="tasks (training processes) per node; default: one per GPU",
+    )
+    submit.add_argument("--cpus-per-task", type=int, default=8, help="CPUs per task (default 8)")
+    submit.add_argument("--time", default="24:00:00", help="time limit (default 24:00:00)")
+    submit.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=300,
+        help="send SIGUSR1 this many seconds before the time limit: checkpoint + requeue",
+    )
+    submit.add_argument("--partition", default="", help="partition")
+    submit.add_argument("--account", default="", help="account to charge")
+    submit.add_argument("--qos", default="", help="quality of service")
+    submit.add_argument("--constraint", default="", help="node features, e.g. a100")
+    submit.add_argument("--job-name", default="", help="job name (default: the run name)")
+    submit.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="a further #SBATCH option, e.g. --sbatch-arg=--exclusive (repeatable)",
+    )
+    submit.add_argument(
+        "--dry-run", action="store_true", help="print the script without writing or submitting"
+    )
+    submit.set_defaults(func=cmd_slurm_submit)
+    slurm_status = slurm_sub.add_parser(
+        "status", help="show a run's SLURM jobs and its newest checkpoint"
+    )
+    slurm_status.add_argument("run", help="run folder")
+    slurm_status.set_defaults(func=cmd_slurm_status)
 
     smoke = sub.add_parser(
         "smoke",

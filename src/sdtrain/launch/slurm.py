@@ -129,8 +129,16 @@ def sdtrain_command() -> list[str]:
     return [sys.executable, "-m", "sdtrain.launch.cli"]
 
 
-def render_sbatch(options: SlurmOptions, run_dir: Path, config_snapshot: Path) -> str:
-    """The batch script for a run folder whose resolved config is ``config_snapshot``."""
+def render_sbatch(
+    options: SlurmOptions,
+    run_dir: Path,
+    config_snapshot: Path,
+    program: Sequence[str] | None = None,
+) -> str:
+    """The batch script for a run folder whose resolved config is ``config_snapshot``.
+
+    ``program`` runs sdtrain on the nodes: by default this interpreter (same environment).
+    """
     check_options(options)
     extra = [
         f"#SBATCH --{name}={value}"
@@ -142,7 +150,7 @@ def render_sbatch(options: SlurmOptions, run_dir: Path, config_snapshot: Path) -
         )
         if value
     ] + [f"#SBATCH {arg}" for arg in options.sbatch_args]
-    command = [*sdtrain_command(), "fit", "--config", str(config_snapshot)]
+    command = [*(program or sdtrain_command()), "fit", "--config", str(config_snapshot)]
     command += [f"run.dir={run_dir}", "resume=auto"]
     return SBATCH_TEMPLATE.substitute(
         job_name=options.job_name or run_dir.name,
