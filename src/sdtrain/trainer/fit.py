@@ -285,6 +285,8 @@ def fit(cfg: ExperimentConfig) -> Path:
     warnings.filterwarnings(
         "ignore", message=r".*module\(s\) in eval mode at the start of training"
     )
+    # Outside SLURM, Lightning warns whenever an `srun` binary exists on the machine.
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
     check_allocation(cfg.trainer.devices, cfg.trainer.num_nodes)
     plan = prepare_run(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
