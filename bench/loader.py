@@ -18,10 +18,11 @@ samples rejected by the metadata filters) it measures delivered samples per seco
 
 Per core (``num_workers=0``, one process, one torch and OpenCV thread) all five run as
 persistent infinite iterators, timed in short interleaved runs (the order rotating every round)
-and reported as medians, so that a shared machine slows them alike; then optionally the whole
-machine (``DataLoader`` with ``--workers`` processes) for ``ours`` and ``naive``. Samples/s
-counts delivered (kept) samples: rejected samples cost ours a tar read and a json parse, the
-naive pipeline a full decode, and the bare limit nothing.
+on the process's CPU clock, so that other work on a shared machine neither slows nor favours
+one of them; medians are reported, ratios as the median of the per-round ratios. Then
+optionally the whole machine (``DataLoader`` with ``--workers`` processes, wall clock) for
+``ours`` and ``naive``. Samples/s counts delivered (kept) samples: rejected samples cost ours a
+tar read and a json parse, the naive pipeline a full decode, and the bare limit nothing.
 
     python bench/loader.py                        # generate the shards once (cached), print
     python bench/loader.py --profile --write-docs # + cProfile of ours, replace the docs block
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime
+import io
 import itertools
 import os
 import platform
@@ -56,7 +58,15 @@ from sdtrain.data.masks import build_mask_generator
 from sdtrain.data.pipeline import LaionLoader
 from sdtrain.data.shards import expand_shards, iter_samples
 from sdtrain.data.synthetic import SyntheticSpec, write_synthetic_shards
-from sdtrain.data.transforms import load_image, masked_images, normalize_caption, to_model_images
+from sdtrain.data.transforms import (
+    ImageDecodeError,
+    load_image,
+    masked_images,
+    needed_short_side,
+    normalize_caption,
+    reduction_factor,
+    to_model_images,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DOCS = REPO_ROOT / "docs" / "benchmarks.md"
@@ -105,30 +115,49 @@ class DataSummary:
     samples: int
     kept: int
     kept_jpegs: list[bytes] = field(repr=False)
+    kept_sizes: list[tuple[int, int]] = field(repr=False)
+    """(width, height) of the kept images."""
     mean_kb: float
     long_sides: tuple[int, int]
+
+    def reduced_share(self, size: int) -> float:
+        """Share of the kept images that libjpeg can decode at 1/2, 1/4 or 1/8 for ``size``."""
+        reduced = [
+            reduction_factor(w, h, needed_short_side(w, h, size, size)) > 1
+            for w, h in self.kept_sizes
+        ]
+        return sum(reduced) / max(1, len(reduced))
 
 
 def summarize(urls: Sequence[str], filters: FilterConfig) -> DataSummary:
     """Count the samples, apply the metadata filter, keep the kept samples' JPEG bytes."""
     import json
 
+    from PIL import Image
+
     check = MetadataFilter(filters)
-    total, kept, sizes, sides = 0, [], [], []
+    total, kept, kept_sizes, file_sizes, sides = 0, [], [], [], []
     for url in urls:
         for raw in iter_samples(url):
             total += 1
+            data = raw.members["jpg"]
+            with Image.open(io.BytesIO(data)) as image:  # the header only
+                size = image.size
+            file_sizes.append(len(data))
+            sides.append(max(size))
             meta = json.loads(raw.members["json"])
-            sizes.append(len(raw.members["jpg"]))
-            sides.append(max(meta["width"], meta["height"]))
             if check.rejection(meta, normalize_caption(raw.members["txt"])) is None:
-                kept.append(raw.members["jpg"])
+                kept.append(data)
+                kept_sizes.append(size)
+    if not kept:
+        raise SystemExit(f"no sample of {urls[0]} ... passes the filters: nothing to measure")
     return DataSummary(
         shards=len(urls),
         samples=total,
         kept=len(kept),
         kept_jpegs=kept,
-        mean_kb=sum(sizes) / len(sizes) / 1024,
+        kept_sizes=kept_sizes,
+        mean_kb=sum(file_sizes) / len(file_sizes) / 1024,
         long_sides=(min(sides), max(sides)),
     )
 
@@ -194,9 +223,9 @@ def naive(urls: Sequence[str], size: int, workers: int, area: bool = False) -> B
     transform = NaiveTransform(size, cv2.INTER_AREA if area else None)
     dataset = (
         wds.WebDataset(list(urls), resampled=True, shardshuffle=False)
-        .decode("pil")
+        .decode("pil", handler=wds.ignore_and_continue)
         .select(transform.keep)
-        .map(transform)
+        .map(transform, handler=wds.ignore_and_continue)
     )
     for batch in DataLoader(dataset, batch_size=BATCH_SIZE, num_workers=workers):
         yield len(batch["txt"])
@@ -206,8 +235,12 @@ def bare(jpegs: Sequence[bytes], size: int) -> Batches:
     cfg = ImageConfig(size=size)
     rng = np.random.default_rng(0)
     for data in itertools.cycle(jpegs):
-        load_image(data, cfg, rng)
-        yield 1
+        try:
+            load_image(data, cfg, rng)
+        except ImageDecodeError:
+            yield 0
+        else:
+            yield 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,16 +248,27 @@ def bare(jpegs: Sequence[bytes], size: int) -> Batches:
 # ---------------------------------------------------------------------------------------------
 
 
-def timed_run(batches: Batches, seconds: float, preroll: int) -> float:
-    """Delivered samples/s over ``seconds`` after ``preroll`` untimed batches (which also drain
-    batches that DataLoader workers prefetched while another pipeline was being timed)."""
+Clock = Callable[[], float]
+
+
+def timed_run(
+    batches: Batches, seconds: float, preroll: int, clock: Clock = time.perf_counter
+) -> float:
+    """Delivered samples per second of ``clock`` over ``seconds`` of it, after ``preroll``
+    untimed batches (which also drain batches that DataLoader workers prefetched while another
+    pipeline was being timed).
+
+    ``clock`` is wall time, or ``time.process_time`` for work done in this process alone: CPU
+    seconds of this process are what "per core" means, and unlike wall time they do not count
+    the time other work on a shared machine takes the core away.
+    """
     for _ in range(preroll):
         next(batches)
     samples = 0
-    start = last = time.perf_counter()
+    start = last = clock()
     while last - start < seconds:
         samples += next(batches)
-        last = time.perf_counter()
+        last = clock()
     return samples / (last - start)
 
 
@@ -244,24 +288,32 @@ class Cell:
         return f"{self.median:.0f} ({min(self.rates):.0f}-{max(self.rates):.0f})"
 
 
+def paired_ratio(cells: dict[str, Cell], top: str, bottom: str) -> float:
+    """Median over rounds of ``top / bottom`` within the same round: runs of one round are
+    seconds apart, so a load change on the shared machine mostly cancels out."""
+    pairs = zip(cells[top].rates, cells[bottom].rates, strict=True)
+    return statistics.median(a / b for a, b in pairs)
+
+
 def interleaved(
     pipelines: dict[str, Callable[[], Batches]],
     rounds: int,
     seconds: float,
     warmup: float,
     preroll: int,
+    clock: Clock = time.perf_counter,
 ) -> dict[str, Cell]:
     """Start every pipeline, warm each up, then ``rounds`` rounds of one timed run each (the
     order rotating), every pipeline staying alive between its runs."""
     names = list(pipelines)
     running = {name: make() for name, make in pipelines.items()}
     for name in names:
-        timed_run(running[name], warmup, preroll=1)
+        timed_run(running[name], warmup, preroll=1, clock=clock)
     cells = {name: Cell() for name in names}
     for round_index in range(rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            rate = timed_run(running[name], seconds, preroll)
+            rate = timed_run(running[name], seconds, preroll, clock)
             cells[name].rates.append(rate)
             print(f"  round {round_index + 1}: {name:<11} {rate:7.1f} samples/s", file=sys.stderr)
     for batches in running.values():
@@ -283,16 +335,16 @@ PROFILE_PARTS = (
 def profile_ours(urls: Sequence[str], size: int, seconds: float, top: int) -> str:
     """cProfile of ours per core: where the time goes, and the ``top`` functions by own time."""
     batches = ours(urls, size, 0)
-    timed_run(batches, 1.0, preroll=1)
+    timed_run(batches, 1.0, preroll=1, clock=time.process_time)
     profiler = cProfile.Profile()
     profiler.enable()
-    rate = timed_run(batches, seconds, preroll=0)
+    rate = timed_run(batches, seconds, preroll=0, clock=time.process_time)
     profiler.disable()
     batches.close()
     entries = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     total = sum(entry[2] for entry in entries.values())
     lines = [
-        f"cProfile of ours at {size} px, 1 core, {seconds:g} s ({rate:.0f} samples/s under the "
+        f"cProfile of ours at {size} px, 1 core, {seconds:g} CPU-s ({rate:.0f} samples/s under the "
         f"profiler), cumulative time of its parts:",
         "",
         "| part | share of the time |",
@@ -368,37 +420,41 @@ def render(
         f"{load[1]:.2f} after",
         f"- data: {data.samples} samples in {data.shards} shards, {data.kept} kept by the "
         f"filters ({1 - data.kept / data.samples:.0%} rejected), JPEG quality 90, mean "
-        f"{data.mean_kb:.0f} KB, long side {data.long_sides[0]}-{data.long_sides[1]} px",
+        f"{data.mean_kb:.0f} KB, long side {data.long_sides[0]}-{data.long_sides[1]} px; kept "
+        "images libjpeg can decode at a reduced scale: "
+        + ", ".join(f"{data.reduced_share(size):.0%} at {size} px" for size in per_core),
         f"- batch {BATCH_SIZE}, shuffle buffer {SHUFFLE_BUFFER}, masks sd15 512train-large; "
         f"{args.rounds} interleaved rounds of {args.seconds:g} s per pipeline after "
-        f"{args.warmup:g} s warm-up; cells: median (min-max) delivered samples/s",
+        f"{args.warmup:g} s warm-up; cells: median (min-max) delivered samples/s; ratios: "
+        "median of the per-round ratios",
         "",
-        "Per core (`num_workers=0`, 1 torch thread, 1 OpenCV thread):",
+        "Per core (`num_workers=0`, 1 torch thread, 1 OpenCV thread; samples per CPU-second of "
+        "the process):",
         "",
         "| size | ours | ours+float | naive | naive-area | bare decode+resize | **ours/naive** "
         "| **ours/bare** | ours+float/naive | ours/naive-area |",
         "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for size, cells in per_core.items():
-        ours_rate, naive_rate = cells["ours"].median, cells["naive"].median
         lines.append(
             f"| {size} | {cells['ours'].render()} | {cells['ours+float'].render()} "
             f"| {cells['naive'].render()} | {cells['naive-area'].render()} "
-            f"| {cells['bare'].render()} | **{ours_rate / naive_rate:.2f}x** "
-            f"| **{ours_rate / cells['bare'].median:.0%}** "
-            f"| {cells['ours+float'].median / naive_rate:.2f}x "
-            f"| {ours_rate / cells['naive-area'].median:.2f}x |"
+            f"| {cells['bare'].render()} | **{paired_ratio(cells, 'ours', 'naive'):.2f}x** "
+            f"| **{paired_ratio(cells, 'ours', 'bare'):.0%}** "
+            f"| {paired_ratio(cells, 'ours+float', 'naive'):.2f}x "
+            f"| {paired_ratio(cells, 'ours', 'naive-area'):.2f}x |"
         )
     if machine:
         lines += [
             "",
-            f"Whole machine (`num_workers={args.workers}`, batches to the main process):",
+            f"Whole machine (`num_workers={args.workers}`, batches to the main process; samples "
+            "per wall-clock second):",
             "",
             "| size | ours | naive | ours/naive |",
             "|--:|--:|--:|--:|",
         ]
         for size, cells in machine.items():
-            ratio = cells["ours"].median / cells["naive"].median
+            ratio = paired_ratio(cells, "ours", "naive")
             lines.append(
                 f"| {size} | {cells['ours'].render()} | {cells['naive'].render()} | {ratio:.2f}x |"
             )
@@ -432,7 +488,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=240, help="generated samples (240)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="crop sizes")
     parser.add_argument("--rounds", type=int, default=5, help="timed runs per pipeline (5)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of one run (3 s)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="length of one run (2 s)")
     parser.add_argument("--warmup", type=float, default=2.0, help="untimed seconds first (2)")
     parser.add_argument(
         "--workers", type=int, default=2, help="whole-machine DataLoader workers (2; 0: skip)"
@@ -474,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             args.seconds,
             args.warmup,
             preroll=1,
+            clock=time.process_time,
         )
     machine: dict[int, dict[str, Cell]] = {}
     if args.workers > 0:

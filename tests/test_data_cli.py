@@ -9,6 +9,7 @@ import importlib.util
 import io
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from PIL import Image
 
 from sdtrain.config.errors import ConfigError
 from sdtrain.data.shards import expand_shards, iter_samples
-from sdtrain.data.synthetic import jpeg_bytes, photo_like
+from sdtrain.data.synthetic import SyntheticSpec, jpeg_bytes, photo_like, write_synthetic_shards
 from sdtrain.data.writer import ShardWriter
 from sdtrain.launch.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
 from sdtrain.launch.data_cli import load_data_config
@@ -230,6 +231,26 @@ def test_bench_json(shards: Path, capsys) -> None:
     assert result["seconds"] >= 1
 
 
+def test_loader_benchmark_runs(tmp_path: Path) -> None:
+    """bench/loader.py end to end on small synthetic shards (timings not checked)."""
+    shards = tmp_path / "shards"
+    spec = SyntheticSpec(samples=12, per_shard=4, min_side=430, max_side=480, reject_fraction=0.25)
+    write_synthetic_shards(shards, spec)
+    path = Path(__file__).resolve().parents[1] / "bench" / "loader.py"
+    module_spec = importlib.util.spec_from_file_location("bench_loader", path)
+    bench = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = bench  # dataclasses look their module up while created
+    module_spec.loader.exec_module(bench)
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nhand-written notes stay\n")
+    argv = ["--shards", str(shards), "--sizes", "64", "--rounds", "1", "--seconds", "0.2"]
+    report = bench.main([*argv, "--warmup", "0.1", "--workers", "0", "--out", str(docs)])
+    assert re.search(r"\| 64 \| \d+ \(", report)
+    text = docs.read_text()
+    assert "hand-written notes stay" in text and text.count("<!-- loader start -->") == 1
+    assert "## Loader" in text
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors and config loading
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +266,8 @@ def test_usage_errors_exit_2(shards: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["data", "stats", str(shards), "data.filters.min_sise=3"]) == EXIT_USAGE
     assert "data.filters.min_sise" in capsys.readouterr().err
+    assert main(["data", "stats", str(shards), "image.size=64"]) == EXIT_USAGE
+    assert "data.image.size=64" in capsys.readouterr().err
     assert main(["data", "bench", str(shards), "--size", "63"]) == EXIT_USAGE
     assert "--size" in capsys.readouterr().err
     assert main(["data", "stats", str(shards), "--config", "no-such-data"]) == EXIT_USAGE
