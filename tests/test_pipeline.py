@@ -290,3 +290,36 @@ def test_depth_member_is_cropped_with_the_image_and_normalised(tmp_path: Path) -
     assert depth.amin(dim=(1, 2, 3)).allclose(torch.tensor(-1.0))
     assert (depth.amax(dim=(1, 2, 3)) > 0.99).all()
     assert loader.stats.rejected["depth"] == 1
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax", "gz"])
+def test_tar_reader_formats_long_names_and_compression(tmp_path: Path, fmt: str) -> None:
+    """Our tar reader against tarfile's writers: prefix / GNU long-name / pax path records,
+    and gzip through the tarfile fallback."""
+    from sdtrain.data.shards import iter_samples
+
+    deep = "d" * 60 + "/" + "e" * 60  # > 100 characters: needs a prefix, long name or pax
+    names = [f"{deep}/000{i}.{ext}" for i in range(3) for ext in ("jpg", "txt")]
+    path = tmp_path / ("x.tar.gz" if fmt == "gz" else "x.tar")
+    tar_format = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT}.get(
+        fmt, tarfile.PAX_FORMAT
+    )
+    with tarfile.open(path, "w:gz" if fmt == "gz" else "w", format=tar_format) as tar:
+        for n, name in enumerate(names):
+            data = bytes([n]) * (700 * n + 1)
+            info = tarfile.TarInfo(name if fmt != "pax" else name.replace("e", "é"))
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples = list(iter_samples(str(path)))
+    assert [s.index for s in samples] == [0, 1, 2]
+    assert samples[1].members["txt"] == bytes([3]) * 2101
+    assert samples[2].key.endswith("/0002") and len(samples[2].key) > 100
+
+
+def test_tar_reader_rejects_a_bad_header(tmp_path: Path) -> None:
+    from sdtrain.data.shards import ShardReadError, iter_samples
+
+    path = tmp_path / "bad.tar"
+    path.write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(ShardReadError, match="not a tar"):
+        list(iter_samples(str(path)))
