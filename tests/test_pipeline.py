@@ -323,3 +323,10 @@ def test_tar_reader_rejects_a_bad_header(tmp_path: Path) -> None:
     path.write_bytes(b"not a tar at all" * 100)
     with pytest.raises(ShardReadError, match="not a tar"):
         list(iter_samples(str(path)))
+
+
+def test_epoch_mode_iterated_again_makes_the_next_pass(shard_dir: Path) -> None:
+    loader = LaionLoader(small_cfg([str(shard_dir)], resampled=False, num_workers=2))
+    first, second = keys_of(list(loader)), keys_of(list(loader))
+    assert sorted(first) == sorted(second) == sorted(expected_kept(shard_dir))
+    assert first != second, "the second pass is a new epoch: another shard and sample order"

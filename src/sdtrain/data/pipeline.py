@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import signal
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,8 +117,6 @@ class WorkerPosition:
     """State of the shuffle generator (None: fresh)."""
     stats: dict[str, Any] = field(default_factory=dict)
     """``DataStats.to_dict()`` of this worker so far."""
-    finished: bool = False
-    """Epoch mode: this worker has delivered everything."""
 
     def to_dict(self) -> dict[str, Any]:
         """A snapshot; written by hand because ``dataclasses.asdict`` deep-copies every buffer
@@ -129,7 +128,6 @@ class WorkerPosition:
             "buffer": list(self.buffer),
             "rng": self.rng,
             "stats": self.stats,
-            "finished": self.finished,
         }
 
     @classmethod
@@ -216,6 +214,10 @@ class WorkerStream:
     def _kept_samples(self) -> Iterator[_Pending]:
         """Samples that pass the filters, from the current position on, advancing it."""
         read_this_epoch = kept_this_epoch = 0
+        if self.pos.shard_pos >= len(self._shards(self.pos.epoch)):
+            # The last pass is complete (epoch mode, iterated again): the next one starts.
+            self.pos.epoch += 1
+            self.pos.shard_pos = self.pos.sample_pos = 0
         while True:
             shards = self._shards(self.pos.epoch)
             while self.pos.shard_pos < len(shards):
@@ -362,8 +364,6 @@ class WorkerStream:
 
     def batches(self) -> Iterator[dict[str, Any]]:
         """Collated batches, each with this worker's position after it under ``__state__``."""
-        if self.pos.finished:
-            return
         batch: list[dict[str, Any]] = []
         for pending in self._shuffled():
             sample = self._prepare(pending)
@@ -374,7 +374,6 @@ class WorkerStream:
             if len(batch) == self.cfg.batch_size:
                 yield self._collate(batch)
                 batch = []
-        self.pos.finished = True
         if batch:
             yield self._collate(batch)
 
@@ -434,6 +433,13 @@ class LaionDataset(IterableDataset):
         yield from WorkerStream(self.cfg, self.plan, worker, position).batches()
 
 
+def ignore_preemption_signals(worker_id: int) -> None:
+    """SLURM signals every process of a job step: the workers must leave SIGUSR1 / SIGTERM to
+    the trainer (which checkpoints and requeues), not die of them and take the run down."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class LaionLoader:
     """Batches of one rank, with ``position`` / ``restore`` for exact resumption.
 
@@ -477,6 +483,7 @@ class LaionLoader:
             num_workers=self.cfg.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
+            worker_init_fn=ignore_preemption_signals,
         )
         for batch in loader:
             worker = int(batch.pop(WORKER_KEY))

@@ -50,8 +50,11 @@ ${gpu_line}#SBATCH --cpus-per-task=${cpus_per_task}
 ${extra_lines}
 set -euo pipefail
 
-# Rendezvous: the first node of the allocation, a port derived from the job id.
-MASTER_ADDR=$$(scontrol show hostnames "$$SLURM_JOB_NODELIST" | head -n 1)
+# Rendezvous: the first node of the allocation (its NodeAddr, which need not be the node's name
+# in DNS), a port derived from the job id.
+FIRST_NODE=$$(scontrol show hostnames "$$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_ADDR=$$(scontrol show node "$$FIRST_NODE" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')
+MASTER_ADDR=$${MASTER_ADDR:-$$FIRST_NODE}
 MASTER_PORT=$$((20000 + SLURM_JOB_ID % 20000))
 export MASTER_ADDR MASTER_PORT
 

@@ -87,6 +87,8 @@ class TrainerConfig:
             raise ConfigError("must be a probability in [0, 1]", key="text_dropout")
         if self.gradient_clip_val < 0:
             raise ConfigError("must be >= 0 (0 = off)", key="gradient_clip_val")
+        if self.strategy.startswith("deepspeed") and self.precision == "16-mixed":
+            raise ConfigError("DeepSpeed runs here in 32 or bf16-mixed only", key="precision")
 
 
 @dataclass

@@ -237,6 +237,19 @@ def build_loggers(cfg: ExperimentConfig, folder: Path) -> list[Logger]:
     return loggers
 
 
+def deepspeed_strategy(stage: int, precision: str) -> pl.strategies.DeepSpeedStrategy:
+    """ZeRO stage 2 or 3; bf16 through torch autocast with float32 weights, as without DeepSpeed.
+
+    (Lightning's default, DeepSpeed's own bf16 mode, casts every weight to bf16, the frozen
+    autoencoder too, and runs without autocast: the float32 images then fail the first conv.)
+    """
+    strategy = pl.strategies.DeepSpeedStrategy(stage=stage)
+    if precision == "bf16-mixed":
+        strategy.config["bf16"] = {"enabled": False}
+        strategy.config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return strategy
+
+
 def build_trainer(cfg: ExperimentConfig, plan: RunPlan) -> pl.Trainer:
     t = cfg.trainer
     strategy: Any = t.strategy
@@ -245,6 +258,8 @@ def build_trainer(cfg: ExperimentConfig, plan: RunPlan) -> pl.Trainer:
         plugins.append(AtomicCheckpointIO())
     if t.strategy == "ddp":
         strategy = pl.strategies.DDPStrategy(find_unused_parameters=False)
+    if t.strategy.startswith("deepspeed"):
+        strategy = deepspeed_strategy(int(t.strategy[-1]), t.precision)
     if in_slurm_step():
         # Preemption is ours (PreemptionCallback): checkpoint in the run folder, then requeue.
         plugins.append(SLURMEnvironment(auto_requeue=False))

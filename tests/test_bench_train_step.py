@@ -1,0 +1,58 @@
+"""Smoke test of bench/train_step.py: the tiny-cpu preset at micro size runs both steps (full
+and UNet-only) of both tiny models end to end, and the report is well formed. No timing checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_step.py"
+
+
+def _load_bench():
+    # bench/ is a folder of scripts, not an installed package: load the file itself.
+    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being created
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_step_tiny_cpu_micro(tmp_path: Path) -> None:
+    bench = _load_bench()
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nhand-written notes stay\n")
+    argv = ["--preset", "tiny-cpu", "--pixels", "32", "--batch-size", "1", "--iters", "2",
+            "--warmup", "1", "--matmul-size", "128", "--threads", "1"]  # fmt: skip
+    report = bench.main([*argv, "--out", str(docs)])
+
+    assert not report.skipped
+    assert report.matmul_flops_per_s > 0
+    cases = ["tiny-base@32px", "tiny-inpainting@32px"]
+    assert [(r.case, r.step) for r in report.rows] == [(c, s) for c in cases for s in bench.STEPS]
+    for row in report.rows:
+        assert math.isfinite(row.images_per_s) and row.images_per_s > 0
+        assert row.median_ms > 0 and row.flops > 0
+        assert 0 < row.utilisation < 1.5
+        assert row.peak_mib is None  # CPU: no device memory statistics
+    # The full step also encodes images and text: more FLOPs than the UNet alone.
+    by_key = {(r.case, r.step): r for r in report.rows}
+    for case in cases:
+        assert by_key[case, "full"].flops > by_key[case, "unet"].flops
+
+    # Writing twice replaces the marked block instead of appending a second one.
+    bench.write_section(docs, report.section_key, "again", report.to_markdown())
+    text = docs.read_text()
+    assert "hand-written notes stay" in text
+    assert text.count("<!-- train_step:tiny-cpu start -->") == 1
+    assert "| tiny-inpainting@32px | unet |" in text
+
+
+def test_gpu_preset_skips_without_cuda(monkeypatch) -> None:
+    bench = _load_bench()
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    report = bench.main(["--preset", "gpu"])
+    assert report.skipped and not report.rows
+    assert "Skipped" in report.to_markdown()
