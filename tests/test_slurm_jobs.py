@@ -116,6 +116,12 @@ def test_preemption_requeues_and_resumes_exactly(
     assert "received SIGUSR1; checkpointing" in log and "restart 1" in log
     assert "resume from: " + str(run / "checkpoints") in log
 
+    status = subprocess.run(
+        [sys.executable, "-m", "sdtrain.launch.cli", "slurm", "status", str(run)],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout  # fmt: skip
+    assert f"job {job}: COMPLETED (restarts 1" in status and "last checkpoint: step 40" in status
+
     reference = tmp_path / "reference"
     subprocess.run(
         [sys.executable, "-m", "sdtrain.launch.cli", "fit", "--config",
@@ -127,3 +133,26 @@ def test_preemption_requeues_and_resumes_exactly(
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in b["state_dict"])
     shadow_a, shadow_b = a["sdtrain"]["ema"]["shadow"], b["sdtrain"]["ema"]["shadow"]
     assert all(torch.equal(shadow_a[k], shadow_b[k]) for k in shadow_b)
+
+
+def test_allocation_mismatch_fails_at_start_naming_the_setting(
+    slurm_cluster, shards: str, tmp_path: Path
+) -> None:
+    command = [
+        sys.executable, "-m", "sdtrain.launch.cli", "fit", "--config", str(EXPERIMENT),
+        f"data.shards={shards}", f"run.dir={tmp_path / 'run'}", "logging.wandb=false",
+        "trainer.accelerator=cpu", "trainer.devices=1",
+    ]  # fmt: skip
+    script = f"""#!/bin/bash
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=2
+#SBATCH --time=00:05:00
+#SBATCH --output={tmp_path}/job.out
+srun {" ".join(command)}
+"""
+    job = submit(script, tmp_path)
+    assert wait_for_job(job, timeout=120) == "FAILED"
+    log = (tmp_path / "job.out").read_text()
+    assert "runs 2 task(s) per node but trainer.devices=1" in log
+    assert "set trainer.devices=2" in log
+    assert not (tmp_path / "run" / "checkpoints").exists()
