@@ -71,3 +71,22 @@ def test_console_script_help_runs() -> None:
     assert result.returncode == 0
     for sub in ("smoke", "config", "checkpoint"):
         assert sub in result.stdout
+
+
+def test_every_option_of_every_subcommand_is_documented() -> None:
+    import argparse
+
+    from sdtrain.launch.cli import build_parser
+
+    undocumented = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif not action.help and not isinstance(action, argparse._HelpAction):
+                undocumented.append(f"{path} {action.option_strings or action.dest}")
+
+    walk(build_parser(), "sdtrain")
+    assert not undocumented

@@ -359,12 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument(
         "--checkpoint", required=True, help="run folder, step=N.ckpt or original .ckpt/.safetensors"
     )
-    smp.add_argument("--prompt", required=True)
+    smp.add_argument("--prompt", required=True, help="the text prompt")
     smp.add_argument("--negative-prompt", default="", help="unconditional prompt (default: '')")
     smp.add_argument("--image", default=None, help="inpainting: the image to repaint")
     smp.add_argument("--mask", default=None, help="inpainting: mask image, white = repaint")
-    smp.add_argument("--sampler", choices=("ddim", "plms"), default="ddim")
-    smp.add_argument("--steps", type=int, default=50)
+    smp.add_argument(
+        "--sampler", choices=("ddim", "plms"), default="ddim", help="sampler (default ddim)"
+    )
+    smp.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     smp.add_argument("--scale", type=float, default=7.5, help="guidance scale (default 7.5)")
     smp.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     smp.add_argument("--seed", type=int, default=None, help="default: drawn and printed")
