@@ -67,6 +67,7 @@ from sdtrain.data.transforms import (
     reduction_factor,
     to_model_images,
 )
+from sdtrain.utils.markdown import write_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DOCS = REPO_ROOT / "docs" / "benchmarks.md"
@@ -461,19 +462,6 @@ def render(
     if profile:
         lines += ["", profile]
     return "\n".join(lines)
-
-
-def write_section(path: Path, key: str, title: str, body: str) -> None:
-    """Replace the ``key`` block of ``path`` (between its markers), or append a new section."""
-    start, end = f"<!-- {key} start -->", f"<!-- {key} end -->"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = f"{text.rstrip()}\n\n## {title}\n\n{block}\n"
-    path.write_text(text)
 
 
 # ---------------------------------------------------------------------------------------------

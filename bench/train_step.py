@@ -46,6 +46,7 @@ from sdtrain.data.transforms import masked_images, to_model_images
 from sdtrain.diffusion.loss import diffusion_loss
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.module import LatentDiffusionModule, step_generator
+from sdtrain.utils.markdown import write_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS = REPO_ROOT / "configs" / "models"
@@ -400,20 +401,6 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def write_section(path: Path, key: str, title: str, body: str) -> None:
-    """Replace the ``key`` block of ``path`` (between its markers), or append it under a title."""
-    start, end = f"<!-- {key} start -->", f"<!-- {key} end -->"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = f"{text.rstrip()}\n\n### {title}\n\n{block}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
@@ -511,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     out = args.out or (DEFAULT_DOCS if args.write_docs else None)
     if out is not None:
         title = f"Training step: {preset.name}" + (" + checkpointing" * args.checkpointing)
-        write_section(out, report.section_key, title, markdown)
+        write_section(out, report.section_key, title, markdown, level="###")
         print(f"wrote the {report.section_key} block of {out}", file=sys.stderr)
     return report
 

@@ -36,6 +36,7 @@ import yaml
 from torch import nn
 
 from sdtrain.models import UNetModel, build_unet
+from sdtrain.utils.markdown import write_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DOCS = REPO_ROOT / "docs" / "benchmarks.md"
@@ -462,20 +463,6 @@ def _versions() -> str:
     except ImportError:
         theirs = "not installed"
     return f"torch {torch.__version__}, diffusers {theirs}, python {platform.python_version()}"
-
-
-def write_section(path: Path, key: str, title: str, body: str) -> None:
-    """Replace the ``key`` section of ``path`` (between its markers), or append it."""
-    start, end = f"<!-- {key} start -->", f"<!-- {key} end -->"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = f"{text.rstrip()}\n\n## {title}\n\n{block}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 # ---------------------------------------------------------------------------------------------
