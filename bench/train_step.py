@@ -32,7 +32,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +47,7 @@ from sdtrain.diffusion.loss import diffusion_loss
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.module import LatentDiffusionModule, step_generator
 from sdtrain.utils.markdown import write_section
+from sdtrain.utils.threads import torch_threads
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS = REPO_ROOT / "configs" / "models"
@@ -420,17 +421,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--write-docs", action="store_true", help=f"update {DEFAULT_DOCS.name}")
     parser.add_argument("--out", type=Path, help="update this markdown file (implies writing)")
     return parser.parse_args(argv)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_preset(preset: Preset, checkpointing: bool, command: str) -> Report:

@@ -37,6 +37,7 @@ from torch import nn
 
 from sdtrain.models import UNetModel, build_unet
 from sdtrain.utils.markdown import write_section
+from sdtrain.utils.threads import torch_threads
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DOCS = REPO_ROOT / "docs" / "benchmarks.md"
@@ -481,18 +482,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--write-docs", action="store_true", help=f"update {DEFAULT_DOCS.name}")
     parser.add_argument("--out", type=Path, help="update this markdown file (implies writing)")
     return parser.parse_args(argv)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run with ``threads`` torch CPU threads (``None``: leave as is), restored afterwards."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_preset(preset: Preset, checkpointing: bool, command: str) -> Report:
