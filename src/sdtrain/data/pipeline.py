@@ -389,7 +389,11 @@ class WorkerStream:
 
     def _error(self, kind: str, where: str, reason: str) -> None:
         self.stats.error(kind, where, reason)
-        log.warning("skipping %s (%s): %s", where, kind, reason)
+        count = self.stats.error_count
+        # Every error is counted; the log names the first ones, then every 100th (a bad sample
+        # recurs every epoch in infinite mode and would flood the log).
+        if count <= 20 or count % 100 == 0:
+            log.warning("skipping %s (%s, error %d of this worker): %s", where, kind, count, reason)
         self._check_error_rate()
 
     def _check_error_rate(self) -> None:
