@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install torch torchvision
-	$(BIN)/python -m pip install --no-build-isolation -e '.[dev,deepspeed]'
+	$(BIN)/python -m pip install --no-build-isolation -e '.[dev,deepspeed,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -29,7 +29,6 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python -m pip install -e '.[bench]'
 	$(BIN)/python bench/unet_step.py
 
 clean:
