@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/sdtrain smoke --config tiny-inpainting --out runs/smoke
+	$(BIN)/sdtrain demo --out runs/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -4,7 +4,9 @@ img2dataset metadata, plus samples the filters must drop and samples that are br
 
 from __future__ import annotations
 
+import dataclasses
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,4 +115,177 @@ def write_synthetic_shards(out_dir: str | Path, spec: SyntheticSpec) -> list[Pat
             if spec.depth:
                 members["depth.png"] = depth_png(image)
             writer.write(members)
+    return writer.written
+
+
+# ---------------------------------------------------------------------------------------------
+# Captioned shape scenes (the data of `sdtrain demo`)
+# ---------------------------------------------------------------------------------------------
+
+SCENE_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 230),
+    "yellow": (245, 205, 20),
+}
+"""The palette a scene's shapes are drawn from; captions name these words."""
+SCENE_SHAPES = ("circle", "square", "triangle")
+SCENE_PLACES = {  # where a lone shape sits: centre (x, y) as fractions of the side
+    "at the top": (0.5, 0.27),
+    "at the bottom": (0.5, 0.73),
+    "on the left": (0.27, 0.5),
+    "on the right": (0.73, 0.5),
+    "in the middle": (0.5, 0.5),
+}
+SCENE_RELATIONS = {  # offset of the first shape from the second, as fractions of the side
+    "above": (0.0, -0.46),
+    "below": (0.0, 0.46),
+    "to the left of": (-0.46, 0.0),
+    "to the right of": (0.46, 0.0),
+}
+
+
+@dataclass(frozen=True)
+class SceneShape:
+    """One flat-coloured shape: centre and radius as fractions of the image side."""
+
+    colour: str
+    kind: str
+    x: float
+    y: float
+    radius: float
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One or two shapes on white and the caption describing them."""
+
+    shapes: tuple[SceneShape, ...]
+    caption: str
+
+
+def random_scene(rng: np.random.Generator, pair_p: float = 0.3) -> Scene:
+    """A lone shape of some size at some place, or (with ``pair_p``) two shapes of different
+    colours side by side or one above the other; the caption says which."""
+    colours = list(SCENE_COLOURS)
+    jitter = lambda: float(rng.uniform(-0.04, 0.04))  # noqa: E731
+    if rng.random() >= pair_p:
+        colour = colours[int(rng.integers(len(colours)))]
+        kind = SCENE_SHAPES[int(rng.integers(len(SCENE_SHAPES)))]
+        place = list(SCENE_PLACES)[int(rng.integers(len(SCENE_PLACES)))]
+        large = rng.random() < 0.5
+        radius = float(rng.uniform(0.22, 0.26) if large else rng.uniform(0.13, 0.16))
+        x, y = SCENE_PLACES[place]
+        shape = SceneShape(colour, kind, x + jitter(), y + jitter(), radius)
+        size = "large" if large else "small"
+        return Scene((shape,), f"a {size} {colour} {kind} {place} on a white background")
+    first, second = (colours[int(i)] for i in rng.choice(len(colours), 2, replace=False))
+    kinds = [SCENE_SHAPES[int(i)] for i in rng.integers(len(SCENE_SHAPES), size=2)]
+    relation = list(SCENE_RELATIONS)[int(rng.integers(len(SCENE_RELATIONS)))]
+    dx, dy = SCENE_RELATIONS[relation]
+    radius = float(rng.uniform(0.15, 0.18))
+    a = SceneShape(first, kinds[0], 0.5 + dx / 2 + jitter(), 0.5 + dy / 2 + jitter(), radius)
+    b = SceneShape(second, kinds[1], 0.5 - dx / 2 + jitter(), 0.5 - dy / 2 + jitter(), radius)
+    caption = f"a {first} {kinds[0]} {relation} a {second} {kinds[1]} on a white background"
+    return Scene((a, b), caption)
+
+
+def draw_scene(scene: Scene, side: int, supersample: int = 4) -> Image.Image:
+    """The scene as an RGB image ``side`` pixels square (drawn larger, then downsampled, for
+    smooth edges)."""
+    big = side * supersample
+    image = Image.new("RGB", (big, big), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for shape in scene.shapes:
+        x, y, r = shape.x * big, shape.y * big, shape.radius * big
+        fill = SCENE_COLOURS[shape.colour]
+        if shape.kind == "circle":
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+        elif shape.kind == "square":
+            s = r * 0.89  # about the circle's area
+            draw.rectangle((x - s, y - s, x + s, y + s), fill=fill)
+        else:
+            draw.polygon([(x, y - r), (x + r * 0.95, y + r * 0.8), (x - r * 0.95, y + r * 0.8)],
+                         fill=fill)  # fmt: skip
+    return image.resize((side, side), Image.LANCZOS)
+
+
+@dataclass
+class SceneSpec:
+    """What a set of scene shards holds."""
+
+    samples: int = 1000
+    per_shard: int = 250
+    side: int = 64
+    """Image side in pixels (the filters' ``min_size`` should not exceed it)."""
+    small_side: int = 24
+    """Side of the too-small images the size filter must drop."""
+    pair_p: float = 0.3
+    """Share of two-shape scenes."""
+    reject_fraction: float = 0.16
+    """Share of samples the default filters drop: low aesthetic score, high pwatermark, high
+    punsafe or too small, in equal parts."""
+    corrupt_fraction: float = 0.02
+    """Share of samples with a truncated JPEG (counted as ``bad_image`` errors)."""
+    seed: int = 0
+
+
+REJECT_REASONS = ("aesthetic", "watermark", "unsafe", "size")
+
+
+def scene_sample(rng: np.random.Generator, index: int, spec: SceneSpec) -> dict:
+    """One img2dataset-style sample (``jpg``, ``txt``, ``json``) with LAION-style metadata.
+
+    Samples meant for the filters look the part: low-aesthetic ones are muddy, watermarked ones
+    carry a grey stripe pattern; unsafe ones are ordinary scenes with a high ``punsafe``.
+    """
+    scene = random_scene(rng, spec.pair_p)
+    side = spec.side
+    meta = {
+        "caption": scene.caption,
+        "url": f"https://example.invalid/scenes/{index:07d}.jpg",
+        "key": "",
+        "AESTHETIC_SCORE": round(float(rng.uniform(5.2, 7.0)), 3),
+        "pwatermark": round(float(rng.uniform(0.0, 0.3)), 3),
+        "punsafe": round(float(rng.uniform(0.0, 0.05)), 3),
+        "similarity": round(float(rng.uniform(0.3, 0.4)), 3),
+    }
+    reason = None
+    if rng.random() < spec.reject_fraction:
+        reason = REJECT_REASONS[int(rng.integers(len(REJECT_REASONS)))]
+    if reason == "size":
+        side = spec.small_side
+    image = draw_scene(scene, side)
+    if reason == "aesthetic":
+        meta["AESTHETIC_SCORE"] = round(float(rng.uniform(2.5, 4.5)), 3)
+        noise = rng.normal(0, 40, (side, side, 3))
+        muddy = np.asarray(image, dtype=np.float64) * 0.6 + 50 + noise
+        image = Image.fromarray(np.clip(muddy, 0, 255).astype(np.uint8))
+    elif reason == "watermark":
+        meta["pwatermark"] = round(float(rng.uniform(0.6, 0.95)), 3)
+        draw = ImageDraw.Draw(image)
+        for offset in range(-side, side, 8):
+            draw.line((offset, side, offset + side, 0), fill=(128, 128, 128), width=2)
+    elif reason == "unsafe":
+        meta["punsafe"] = round(float(rng.uniform(0.3, 0.9)), 3)
+    meta.update(width=side, height=side, original_width=side, original_height=side)
+    data = jpeg_bytes(image, quality=95)
+    if rng.random() < spec.corrupt_fraction:
+        data = data[: len(data) // 3]
+    meta["scene"] = [dataclasses.asdict(shape) for shape in scene.shapes]
+    return {"jpg": data, "txt": scene.caption, "json": meta}
+
+
+def write_scene_shards(
+    out_dir: str | Path, spec: SceneSpec, progress: Callable[[int], None] | None = None
+) -> list[Path]:
+    """Write ``spec.samples`` scene samples as shards; ``progress(n)`` after every sample."""
+    rng = np.random.default_rng(spec.seed)
+    with ShardWriter(out_dir, per_shard=spec.per_shard) as writer:
+        for i in range(spec.samples):
+            sample = scene_sample(rng, i, spec)
+            sample["json"]["key"] = writer.next_key()
+            writer.write(sample)
+            if progress is not None:
+                progress(1)
     return writer.written

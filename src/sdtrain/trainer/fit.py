@@ -13,6 +13,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,7 +251,9 @@ def deepspeed_strategy(stage: int, precision: str) -> pl.strategies.DeepSpeedStr
     return strategy
 
 
-def build_trainer(cfg: ExperimentConfig, plan: RunPlan) -> pl.Trainer:
+def build_trainer(
+    cfg: ExperimentConfig, plan: RunPlan, callbacks: Sequence[Callback] = ()
+) -> pl.Trainer:
     t = cfg.trainer
     strategy: Any = t.strategy
     plugins: list[Any] = []
@@ -283,6 +286,7 @@ def build_trainer(cfg: ExperimentConfig, plan: RunPlan) -> pl.Trainer:
             PreemptionCallback(checkpoints.save),
             ThroughputMonitor(),
             *validation_callbacks(cfg, plan.dir),
+            *callbacks,
         ],
         plugins=plugins,
         enable_checkpointing=False,
@@ -294,8 +298,8 @@ def build_trainer(cfg: ExperimentConfig, plan: RunPlan) -> pl.Trainer:
     )
 
 
-def fit(cfg: ExperimentConfig) -> Path:
-    """Train as configured; returns the run folder."""
+def fit(cfg: ExperimentConfig, callbacks: Sequence[Callback] = ()) -> Path:
+    """Train as configured (``callbacks`` join the trainer's own); returns the run folder."""
     # The frozen autoencoder and text encoder are in eval mode on purpose.
     warnings.filterwarnings(
         "ignore", message=r".*module\(s\) in eval mode at the start of training"
@@ -307,7 +311,7 @@ def fit(cfg: ExperimentConfig) -> Path:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     plan.dir.mkdir(parents=True, exist_ok=True)
     module = build_module(cfg)
-    trainer = build_trainer(cfg, plan)
+    trainer = build_trainer(cfg, plan, callbacks)
     if trainer.is_global_zero:
         (plan.dir / "config.yaml").write_text(to_yaml(cfg))
         print(f"sdtrain fit: {cfg.model.name} -> {plan.dir}")

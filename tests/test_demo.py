@@ -1,0 +1,176 @@
+"""``sdtrain demo --quick`` end to end: the run folder it leaves, the filters at work, the
+interrupted-and-resumed stage, and whether the tiny models learned what the prompts say.
+
+The quick demo runs once per module (about 2.5 minutes on 2 CPU cores); every check after it
+reads its files or samples from its exported checkpoints with fixed seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdtrain.data.synthetic import REJECT_REASONS, SCENE_COLOURS, SCENE_SHAPES, Scene, SceneShape
+from sdtrain.data.synthetic import draw_scene as draw
+from sdtrain.launch.demo import (
+    INPAINT_CASES,
+    STAGES,
+    DemoResult,
+    case_inputs,
+    dominant_colour,
+    open_exported,
+    region_differences,
+    run_demo,
+    stage_config,
+    to_uint8,
+)
+from sdtrain.launch.sample import sample_images
+from sdtrain.models.checkpoint import UNET_INPUT_CONV, read_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoResult]:
+    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_SILENT")}
+    os.environ["WANDB_MODE"] = "offline"
+    try:
+        yield run_demo(tmp_path_factory.mktemp("demo") / "run", quick=True, seed=0)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def model_of(demo: DemoResult, stage: str):
+    overrides = [f"model.autoencoder.scale_factor={demo.scale_factor}"]
+    return open_exported(demo.exports[stage], stage_config(stage, overrides))
+
+
+def steps_logged(run: Path, version: int) -> list[int]:
+    with (run / "logs" / f"version_{version}" / "metrics.csv").open() as handle:
+        return [int(row["step"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+
+
+# ---------------------------------------------------------------------------------------------
+# What the run folder holds
+# ---------------------------------------------------------------------------------------------
+
+
+def test_report_grids_and_loss_plot_are_written(demo: DemoResult) -> None:
+    report = demo.report.read_text()
+    for name in ("base", "v", "inpainting"):
+        grid = demo.grids[name]
+        assert f"]({grid.relative_to(demo.out).as_posix()})" in report
+        with Image.open(grid) as image:
+            assert image.size[0] >= 96 and image.size[1] >= 96
+    with Image.open(demo.loss_plot) as image:
+        assert image.width == 300 * len(STAGES)
+    assert "![loss curves](loss-curves.png)" in report
+    assert (demo.out / "demo.json").is_file()
+
+
+def test_exported_checkpoints_load_in_the_original_layout(demo: DemoResult) -> None:
+    first = read_checkpoint(demo.exports["first-stage"])
+    assert first.vae and first.text and not first.unet
+    for stage, channels in (("base", 4), ("inpainting", 9), ("v", 4)):
+        ckpt = read_checkpoint(demo.exports[stage])
+        assert ckpt.unet and ckpt.vae and ckpt.text and ckpt.schedule
+        assert ckpt.unet[UNET_INPUT_CONV].shape[1] == channels
+        # every stage shares the first stage's autoencoder and text encoder
+        for key, value in first.vae.items():
+            assert torch.equal(ckpt.vae[key], value), (stage, key)
+        for key, value in first.text.items():
+            assert torch.equal(ckpt.text[key], value), (stage, key)
+
+
+def test_filter_stats_show_every_rejection_reason_and_the_broken_images(demo: DemoResult) -> None:
+    stats = demo.filter_stats
+    assert stats["seen"] == demo.samples
+    for reason in REJECT_REASONS:
+        assert stats["rejected"].get(reason, 0) > 0, reason
+    assert stats["errors"].get("bad_image", 0) > 0
+    dropped = sum(stats["rejected"].values()) + sum(stats["errors"].values())
+    assert stats["kept"] + dropped == stats["seen"]
+    report = demo.report.read_text()
+    assert "| rejected: watermark |" in report and "| error: bad_image |" in report
+
+
+def test_the_interrupted_base_run_resumed_from_its_checkpoint(demo: DemoResult) -> None:
+    run = demo.out / "base"
+    resume = demo.resume
+    stopped = resume["stopped_at"]
+    assert resume["signal_step"] <= stopped < resume["final_step"]
+    before, after = steps_logged(run, 0), steps_logged(run, 1)
+    assert max(before) < stopped <= min(after)  # the second run starts where the first stopped
+    assert max(after) == resume["final_step"] - 1
+    assert resume["checkpoint"] == f"base/checkpoints/step={stopped:08d}.ckpt"
+    assert (run / "checkpoints" / f"step={resume['final_step']:08d}.ckpt").is_file()
+    assert "resume: auto" in (run / "config.yaml").read_text()
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Did it learn?
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dominant_colour_reads_drawn_scenes() -> None:
+    for colour in SCENE_COLOURS:
+        for kind in SCENE_SHAPES:
+            image = np.asarray(draw(Scene((SceneShape(colour, kind, 0.5, 0.5, 0.12),), ""), 32))
+            assert dominant_colour(image) == colour
+    assert dominant_colour(np.full((32, 32, 3), 255, np.uint8)) is None
+
+
+def test_samples_follow_the_colour_named_in_the_prompt(demo: DemoResult) -> None:
+    model = model_of(demo, "base")
+    colours = list(SCENE_COLOURS)
+    prompts = [
+        f"a large {colour} {kind} in the middle on a white background"
+        for colour in colours
+        for kind in SCENE_SHAPES
+    ]
+    truth = [colour for colour in colours for _ in SCENE_SHAPES]
+    hits = 0
+    for seed in (11, 12):
+        images = to_uint8(sample_images(model, prompts, steps=25, scale=5.0, seed=seed, size=32))
+        hits += sum(dominant_colour(image) == c for image, c in zip(images, truth, strict=True))
+    accuracy = hits / (2 * len(prompts))
+    chance = 1 / len(colours)
+    assert accuracy >= 0.6, f"colour accuracy {accuracy:.2f} (chance {chance:.2f})"
+
+
+def test_inpainting_repaints_the_mask_and_keeps_the_rest(demo: DemoResult) -> None:
+    model = model_of(demo, "inpainting")
+    inside, outside, unguided = [], [], []
+    for i, case in enumerate(INPAINT_CASES):
+        image, mask = case_inputs(case, 32)
+        keep = mask[0, 0].numpy() > 0.5
+        before = to_uint8(image)[0]
+        result = sample_images(
+            model, [case.prompt], image=image, mask=mask, steps=25, scale=5.0, seed=100 + i, size=32
+        )
+        changed, kept = region_differences(before, to_uint8(result)[0], keep)
+        inside.append(changed)
+        outside.append(kept)
+        # the same prompt with the whole image masked: how far "keeping nothing" lands
+        free = sample_images(
+            model, [case.prompt], image=image, mask=torch.ones_like(mask), steps=25, scale=5.0,
+            seed=100 + i, size=32,
+        )  # fmt: skip
+        unguided.append(region_differences(before, to_uint8(free)[0], keep)[1])
+    changed, kept, baseline = np.mean(inside), np.mean(outside), np.mean(unguided)
+    figures = f"masked {changed:.1f}, unmasked {kept:.1f}, unmasked without input {baseline:.1f}"
+    assert changed >= 20, figures  # the masked region was repainted ...
+    assert kept <= 22 and kept < 0.6 * changed, figures  # ... and the rest stayed close
+    assert kept < 0.8 * baseline, figures  # closer than when the model is not shown the input
