@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/sdtrain demo --out runs/demo
+	$(BIN)/sdtrain demo --out runs/demo --overwrite
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

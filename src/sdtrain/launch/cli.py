@@ -139,7 +139,7 @@ def cmd_slurm_status(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sdtrain.launch.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    run_demo(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite)
     return EXIT_OK
 
 
@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="fewer samples and steps (about 3 minutes)"
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of data, weights and samples")
+    demo.add_argument(
+        "--overwrite", action="store_true", help="delete an earlier demo run in OUT first"
+    )
     demo.set_defaults(func=cmd_demo)
 
     smoke = sub.add_parser(

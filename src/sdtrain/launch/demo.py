@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -546,7 +547,7 @@ class Demo:
         )
         start = time.perf_counter()
         with quiet_data_log():
-            first = train_first_stage(cfg, FirstStageLoss(reconstruction="l2", masked_fraction=0.3))
+            first = train_first_stage(cfg, FirstStageLoss(reconstruction="l2"))
         self.first_stage_ckpt = first.checkpoint
         self.result.scale_factor = first.scale_factor
         self.result.quality["autoencoder L1 (0-1 scale)"] = round(first.l1 / 2, 4)
@@ -693,13 +694,26 @@ class Demo:
         return self.result
 
 
-def run_demo(out: str | Path, quick: bool = False, seed: int = 0) -> DemoResult:
-    """Run the whole demo into ``out``; returns where everything is."""
-    out = Path(out)
-    if (out / "demo.json").exists() or any((out / s / "checkpoints").exists() for s in STAGES):
-        from sdtrain.config.errors import ConfigError
+def holds_demo(out: Path) -> bool:
+    """Whether ``out`` holds (part of) an earlier demo run."""
+    return (out / "demo.json").exists() or any((out / s).is_dir() for s in ("shards", *STAGES))
 
-        raise ConfigError(f"{out} already holds a demo run: remove it or pass another --out")
+
+def run_demo(
+    out: str | Path, quick: bool = False, seed: int = 0, overwrite: bool = False
+) -> DemoResult:
+    """Run the whole demo into ``out``; returns where everything is. An earlier demo run in
+    ``out`` is an error unless ``overwrite``, which deletes it first."""
+    out = Path(out)
+    if holds_demo(out):
+        if not overwrite:
+            from sdtrain.config.errors import ConfigError
+
+            raise ConfigError(
+                f"{out} already holds a demo run: pass --overwrite to replace it, or another --out"
+            )
+        print(f"sdtrain demo: removing the earlier demo run in {out}")
+        shutil.rmtree(out)
     result = Demo(out, quick, seed).run()
     print()
     print(result.summary())
