@@ -16,6 +16,7 @@ from sdtrain.diffusion import DiffusionConfig, NoiseSchedule
 from sdtrain.diffusion.samplers import (
     SAMPLERS,
     DDIMSampler,
+    KnownRegion,
     PLMSSampler,
     cfg_denoiser,
     sample,
@@ -412,3 +413,55 @@ def test_zero_terminal_snr_with_v_has_no_nan(sampler: str, eta: float) -> None:
         a_0 = schedule.alphas_cumprod[0].double()
         expected = a_0.sqrt() * x0_star + (1 - a_0).sqrt() * x_T
         torch.testing.assert_close(out.double(), expected.double(), rtol=0, atol=1e-4)
+
+
+# --- known regions (the original DDIMSampler's mask / x0) ---------------------------------------
+
+
+def half_known(z: Tensor) -> KnownRegion:
+    keep = torch.zeros(1, 1, *z.shape[-2:])
+    keep[..., : z.shape[-1] // 2] = 1.0
+    return KnownRegion(z, keep)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_known_region_is_kept_exactly_and_nothing_else_changes(
+    eps_schedule: NoiseSchedule, sampler: str
+) -> None:
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+
+    def mixing(x: Tensor, t: Tensor) -> Tensor:  # each output sees the whole row
+        return toy_model(x, t) + 0.1 * x.mean(dim=-1, keepdim=True)
+
+    def run(known: KnownRegion | None) -> Tensor:
+        g = torch.Generator().manual_seed(0)
+        return sample(eps_schedule, mixing, x_T.shape, sampler=sampler, steps=10, x_T=x_T,
+                      generator=g, known=known)  # fmt: skip
+
+    plain, kept = run(None), run(half_known(z))
+    assert torch.equal(kept[..., :4], z.expand(2, -1, -1, -1)[..., :4])
+    assert not torch.allclose(kept[..., 4:], plain[..., 4:])  # the rest saw the kept half
+    nothing = KnownRegion(z, torch.zeros(1, 1, 8, 8))
+    assert torch.allclose(run(nothing), plain, atol=1e-6)
+
+
+def test_known_region_noised_per_step_stays_on_the_oracle_trajectory(
+    eps_schedule: NoiseSchedule,
+) -> None:
+    """With all data equal to ``z``, a kept half noised to each step's timestep is a valid x_t of
+    ``z``: the exact model still predicts ``z`` everywhere, so the unkept half lands on it too.
+    (DDIM only: PLMS mixes eps of earlier steps, whose kept-region noise was drawn afresh.)"""
+    sampler = "ddim"
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)).double()
+    seen, callback = step_tracker()
+    out = sample(
+        eps_schedule, point_mass_oracle(eps_schedule, z), (2, 4, 8, 8), sampler=sampler,
+        steps=20, generator=torch.Generator().manual_seed(6), callback=callback,
+        known=half_known(z), x_T=torch.randn(2, 4, 8, 8).double(),
+    )  # fmt: skip
+    target = z.expand(2, -1, -1, -1)
+    assert all(torch.allclose(x0, target, atol=1e-6) for *_, x0 in seen)
+    assert torch.equal(out[..., :4], target[..., :4])
+    # the last DDIM step ends at alphas_cumprod[0], not 1: sqrt(1 - 0.99915) x eps is left over
+    assert torch.allclose(out[..., 4:], target[..., 4:], atol=0.2)

@@ -18,6 +18,7 @@ latent at the first training step, whose residual noise (std ~0.03 for SD) the V
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -114,6 +115,29 @@ def _noise(
     return torch.randn(shape, generator=generator, device=on).to(device)
 
 
+@dataclass
+class KnownRegion:
+    """Latents to keep where ``keep`` is 1, as the original ``DDIMSampler``'s ``mask`` / ``x0``:
+    before every model call the kept region of ``x_t`` is replaced by ``q_sample(latents, t)``
+    (fresh noise each time) and the final sample takes ``latents`` there, so the model generates
+    the rest consistently with what is kept. ``latents`` (1 or B, C, H, W), ``keep`` (1 or B, 1,
+    H, W) in {0, 1}."""
+
+    latents: Tensor
+    keep: Tensor
+
+    def blend(
+        self, schedule: NoiseSchedule, x: Tensor, t: int | None, generator: torch.Generator | None
+    ) -> Tensor:
+        """``x`` with the kept region noised to timestep ``t`` (None: the clean latents)."""
+        z = self.latents.to(x.dtype).expand_as(x)
+        if t is not None:
+            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            z = schedule.q_sample(z, t_batch, _noise(x.shape, x.device, generator).to(x.dtype))
+        keep = self.keep.to(x.dtype)
+        return keep * z + (1 - keep) * x
+
+
 class UniformSampler:
     """What DDIM and PLMS share: the discretisation, one model prediction, the DDIM update.
 
@@ -167,13 +191,16 @@ class DDIMSampler(UniformSampler):
         x_T: Tensor,
         generator: torch.Generator | None = None,
         callback: StepCallback | None = None,
+        known: KnownRegion | None = None,
     ) -> Tensor:
         x = x_T
         for n, i in enumerate(reversed(range(len(self.timesteps)))):
+            if known is not None:
+                x = known.blend(self.schedule, x, int(self.timesteps[i]), generator)
             x, x0 = self.step(model, x, i, generator)
             if callback is not None:
                 callback(n, int(self.timesteps[i]), x, x0)
-        return x
+        return x if known is None else known.blend(self.schedule, x, None, generator)
 
 
 class PLMSSampler(UniformSampler):
@@ -218,14 +245,17 @@ class PLMSSampler(UniformSampler):
         x_T: Tensor,
         generator: torch.Generator | None = None,
         callback: StepCallback | None = None,
+        known: KnownRegion | None = None,
     ) -> Tensor:
         x, old_eps = x_T, []
         for n, i in enumerate(reversed(range(len(self.timesteps)))):
+            if known is not None:
+                x = known.blend(self.schedule, x, int(self.timesteps[i]), generator)
             x, x0, eps = self.step(model, x, i, old_eps)
             old_eps = [*old_eps[-2:], eps]
             if callback is not None:
                 callback(n, int(self.timesteps[i]), x, x0)
-        return x
+        return x if known is None else known.blend(self.schedule, x, None, generator)
 
 
 SamplerName = Literal["ddim", "plms"]
@@ -248,13 +278,15 @@ def sample(
     x_T: Tensor | None = None,
     device: torch.device | str | None = None,
     callback: StepCallback | None = None,
+    known: KnownRegion | None = None,
 ) -> Tensor:
     """Latents x_0 of ``shape`` (B, C, H, W) sampled with ``model(x_t, t) -> model_output``.
 
     ``model`` is already bound to its conditioning (see ``cfg_denoiser``). The start noise is
     ``x_T`` if given, else ``randn(shape)`` from ``generator``; ``generator`` also draws the
     per-step noise when ``eta > 0`` (DDIM only). ``device`` defaults to that of ``x_T``, else to
-    the schedule's.
+    the schedule's. ``known`` keeps a region of given latents (see ``KnownRegion``); its noise
+    comes from ``generator`` too.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
@@ -264,4 +296,5 @@ def sample(
         x_T = _noise(tuple(shape), device, generator)
     elif tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
-    return SAMPLERS[sampler](schedule, steps, eta)(model, x_T.to(device), generator, callback)
+    run = SAMPLERS[sampler](schedule, steps, eta)
+    return run(model, x_T.to(device), generator, callback, known)

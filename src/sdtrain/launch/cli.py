@@ -196,7 +196,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         config=_load(args) if args.config or args.overrides else None, use_ema=args.ema,
         negative_prompt=args.negative_prompt, image=args.image, mask=args.mask,
         sampler=args.sampler, steps=args.steps, scale=args.scale, eta=args.eta, seed=args.seed,
-        size=args.size, n=args.n, device=args.device,
+        size=args.size, n=args.n, device=args.device, keep_unmasked=args.keep_unmasked,
     )  # fmt: skip
     print(result.summary())
     return EXIT_OK
@@ -391,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--negative-prompt", default="", help="unconditional prompt (default: '')")
     smp.add_argument("--image", default=None, help="inpainting: the image to repaint")
     smp.add_argument("--mask", default=None, help="inpainting: mask image, white = repaint")
+    smp.add_argument(
+        "--keep-unmasked",
+        action="store_true",
+        help="inpainting: hold the latents the mask does not touch to the image's while sampling "
+        "(the original DDIMSampler's mask/x0); default: the model repaints the whole picture",
+    )
     smp.add_argument(
         "--sampler", choices=("ddim", "plms"), default="ddim", help="sampler (default ddim)"
     )

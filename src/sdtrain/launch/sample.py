@@ -13,7 +13,10 @@ Inpainting follows the original ``scripts/inpaint``: the mask is binarised at 0.
 the masked image ``image * (mask < 0.5)`` in [-1, 1] is encoded to its posterior mode, and the mask
 resized nearest to latent size plus those latents are the extra UNet channels. The picture written
 is the decoded sample as a whole: the unmasked region is the model's (and the autoencoder's)
-reconstruction of the input, not the input pasted back.
+reconstruction of the input, not the input pasted back. ``keep_unmasked`` (``--keep-unmasked``)
+also holds the latents of the fully unmasked latent cells to the input's during sampling, as the
+original ``DDIMSampler``'s ``mask`` / ``x0`` arguments do (see ``KnownRegion``): the model then
+generates only the masked region, consistently with what is kept.
 
 Sampling is deterministic for a given seed on a given device: the start noise (and DDIM's noise
 when ``eta > 0``) comes from one generator seeded with it.
@@ -31,12 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from sdtrain.config.errors import ConfigError
 from sdtrain.config.schema import ExperimentConfig, ModelConfig
 from sdtrain.data.transforms import masked_images
-from sdtrain.diffusion.samplers import SamplerName, cfg_denoiser, sample
+from sdtrain.diffusion.samplers import KnownRegion, SamplerName, cfg_denoiser, sample
 from sdtrain.diffusion.schedule import NoiseSchedule
 from sdtrain.launch.export import (
     NotATrainingCheckpoint,
@@ -195,6 +198,15 @@ def inpainting_channels(
     return model.conditioning_channels(latent_hw, mask=mask, masked_image_latents=latents)
 
 
+def known_region(
+    model: StableDiffusion, image: Tensor, mask: Tensor, latent_hw: tuple[int, int]
+) -> KnownRegion:
+    """The image's latents (mode) to keep in every latent cell whose pixels are all unmasked."""
+    repaint = (mask >= 0.5).to(image.dtype)  # (B, 1, H, W)
+    touched = nn.functional.adaptive_max_pool2d(repaint, latent_hw)  # (B, 1, h, w)
+    return KnownRegion(model.encode_images(image, sample=False), 1 - touched)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------------
@@ -214,21 +226,26 @@ def sample_images(
     eta: float = 0.0,
     seed: int = 0,
     size: int = 512,
+    keep_unmasked: bool = False,
 ) -> Tensor:
     """Images (B, 3, size, size) in [-1, 1], one per prompt, guided against ``negative_prompt``.
 
     Inpainting models need ``image`` (1 or B, 3, size, size) in [-1, 1] and ``mask`` (1 or B, 1,
-    size, size), 1 = repaint. The start noise is drawn from a generator seeded with ``seed``.
+    size, size), 1 = repaint; ``keep_unmasked`` holds the latent cells the mask does not touch to
+    the image's own latents while sampling. The start noise is drawn from a generator seeded with
+    ``seed``.
     """
     cfg = model.config
     check_inputs(cfg, image is not None, mask is not None, size)
     device = model.schedule.alphas_cumprod.device
     n, f = len(prompts), cfg.latent_downsampling
     latent_hw = (size // f, size // f)
-    extra = None
+    extra, known = None, None
     if image is not None and mask is not None:
         extra = inpainting_channels(model, image.to(device), mask.to(device), latent_hw)
         extra = extra.expand(n, -1, -1, -1)  # (B, 5, h, w)
+        if keep_unmasked:
+            known = known_region(model, image.to(device), mask.to(device), latent_hw)
     cond = model.text_encoder.encode(list(prompts))  # (B, 77, D)
     uncond = model.text_encoder.encode([negative_prompt] * n)  # (B, 77, D)
     guided = cfg_denoiser(model.unet, uncond, cond, scale, extra=extra)
@@ -236,7 +253,7 @@ def sample_images(
     shape = (n, cfg.unet.out_channels, *latent_hw)
     latents = sample(
         model.schedule, guided, shape, sampler=sampler, steps=steps, eta=eta,
-        generator=generator, device=device,
+        generator=generator, device=device, known=known,
     )  # fmt: skip
     return model.decode_latents(latents)  # (B, 3, size, size)
 
@@ -292,6 +309,7 @@ def sample_to_file(
     size: int | None = None,
     n: int = 1,
     device: str | None = None,
+    keep_unmasked: bool = False,
 ) -> SampleResult:
     """Everything ``sdtrain sample`` does: open, check, build, sample, write the PNG.
 
@@ -313,7 +331,7 @@ def sample_to_file(
     model = source.build(device)
     images = sample_images(
         model, [prompt] * n, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
-        scale=scale, eta=eta, seed=seed, size=size, **pictures,
+        scale=scale, eta=eta, seed=seed, size=size, keep_unmasked=keep_unmasked, **pictures,
     )  # fmt: skip
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
