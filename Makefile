@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (see README):
-#   make demo   builds .venv and runs the main job
+#   make demo   builds .venv and runs the main job (DEMO_ARGS=--quick: the 3-minute version)
 #   make test   builds .venv and runs lint + format check + the whole test suite
 # torch is installed first so DeepSpeed (an sdist that builds against the installed torch) can
 # be installed without build isolation instead of downloading a second torch into a build env.
@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --no-build-isolation -e '.[dev,deepspeed,bench]'
 	touch $(STAMP)
 
+DEMO_ARGS ?=
+
 demo: $(STAMP)
-	$(BIN)/sdtrain demo --out runs/demo --overwrite
+	$(BIN)/sdtrain demo --out runs/demo --overwrite $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
