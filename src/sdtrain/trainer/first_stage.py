@@ -56,7 +56,8 @@ class FirstStageLoss:
     """Share of each batch shown as its inpainting input ``image x (1 - mask)`` (grey where
     masked; needs ``data.masks.enabled``), so that the encoder also learns the masked images an
     inpainting UNet is conditioned on. LAION's variety covers them for the original; a narrow
-    dataset needs them shown."""
+    dataset may need them shown (``sdtrain demo`` leaves this at 0: at its step counts 0.3 did
+    not make the inpainting UNet keep more of its input)."""
 
 
 # ---------------------------------------------------------------------------------------------
