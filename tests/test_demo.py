@@ -191,3 +191,20 @@ def test_an_earlier_demo_run_is_kept_unless_overwrite(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--overwrite"):
         run_demo(tmp_path, quick=True)
     assert (tmp_path / "base" / "checkpoints").is_dir()
+
+
+def test_overwrite_removes_the_earlier_demo_run_first(tmp_path: Path, monkeypatch) -> None:
+    from sdtrain.launch import demo as demo_module
+
+    old = tmp_path / "shards" / "00000.tar"
+    old.parent.mkdir()
+    old.write_bytes(b"earlier run")
+    seen = []
+
+    def run(self: demo_module.Demo) -> DemoResult:
+        seen.append(list(self.out.iterdir()) if self.out.exists() else [])
+        return DemoResult(self.out, True, 0)
+
+    monkeypatch.setattr(demo_module.Demo, "run", run)
+    run_demo(tmp_path, quick=True, overwrite=True)
+    assert seen == [[]] and not old.exists()
