@@ -174,6 +174,37 @@ class UniformSampler:
             x_prev = x_prev + sigma * _noise(x.shape, x.device, generator).to(x.dtype)
         return x_prev
 
+    def advance(
+        self,
+        model: BoundModel,
+        x: Tensor,
+        i: int,
+        generator: torch.Generator | None,
+        history: list[Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        """One step down from ``timesteps[i]``: (x_prev, pred_x0); ``history`` is the sampler's
+        own memory across steps (PLMS: earlier eps predictions)."""
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        model: BoundModel,
+        x_T: Tensor,
+        generator: torch.Generator | None = None,
+        callback: StepCallback | None = None,
+        known: KnownRegion | None = None,
+    ) -> Tensor:
+        """Sample down every timestep from ``x_T``; ``known`` holds a region (``KnownRegion``)."""
+        x, history = x_T, []
+        for n, i in enumerate(reversed(range(len(self.timesteps)))):
+            t = int(self.timesteps[i])
+            if known is not None:
+                x = known.blend(self.schedule, x, t, generator)
+            x, x0 = self.advance(model, x, i, generator, history)
+            if callback is not None:
+                callback(n, t, x, x0)
+        return x if known is None else known.blend(self.schedule, x, None, generator)
+
 
 class DDIMSampler(UniformSampler):
     """DDIM (Song et al. 2021) as the original ``DDIMSampler``; ``eta = 0`` is deterministic."""
@@ -185,22 +216,15 @@ class DDIMSampler(UniformSampler):
         eps, x0 = self.predict(model, x, int(self.timesteps[i]))
         return self.update(x, i, eps, x0, generator), x0
 
-    def __call__(
+    def advance(
         self,
         model: BoundModel,
-        x_T: Tensor,
-        generator: torch.Generator | None = None,
-        callback: StepCallback | None = None,
-        known: KnownRegion | None = None,
-    ) -> Tensor:
-        x = x_T
-        for n, i in enumerate(reversed(range(len(self.timesteps)))):
-            if known is not None:
-                x = known.blend(self.schedule, x, int(self.timesteps[i]), generator)
-            x, x0 = self.step(model, x, i, generator)
-            if callback is not None:
-                callback(n, int(self.timesteps[i]), x, x0)
-        return x if known is None else known.blend(self.schedule, x, None, generator)
+        x: Tensor,
+        i: int,
+        generator: torch.Generator | None,
+        history: list[Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        return self.step(model, x, i, generator)
 
 
 class PLMSSampler(UniformSampler):
@@ -239,23 +263,17 @@ class PLMSSampler(UniformSampler):
         x0 = x0_model - (1 / a - 1) ** 0.5 * (eps_prime - eps) if a > 0 else x0_model
         return self.update(x, i, eps_prime, x0, None), x0, eps
 
-    def __call__(
+    def advance(
         self,
         model: BoundModel,
-        x_T: Tensor,
-        generator: torch.Generator | None = None,
-        callback: StepCallback | None = None,
-        known: KnownRegion | None = None,
-    ) -> Tensor:
-        x, old_eps = x_T, []
-        for n, i in enumerate(reversed(range(len(self.timesteps)))):
-            if known is not None:
-                x = known.blend(self.schedule, x, int(self.timesteps[i]), generator)
-            x, x0, eps = self.step(model, x, i, old_eps)
-            old_eps = [*old_eps[-2:], eps]
-            if callback is not None:
-                callback(n, int(self.timesteps[i]), x, x0)
-        return x if known is None else known.blend(self.schedule, x, None, generator)
+        x: Tensor,
+        i: int,
+        generator: torch.Generator | None,
+        history: list[Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        x, x0, eps = self.step(model, x, i, history)
+        history[:] = [*history[-2:], eps]
+        return x, x0
 
 
 SamplerName = Literal["ddim", "plms"]

@@ -41,6 +41,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from sdtrain.config.schema import ExperimentConfig
+from sdtrain.utils.progress import progress
 
 STAGES = ("first-stage", "base", "inpainting", "v")
 COLOURS = ("red", "green", "blue", "yellow")
@@ -129,12 +130,6 @@ def quiet_data_log() -> Iterator[None]:
 
 def banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
-
-
-def progress(total: int, desc: str, unit: str = "it") -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
 
 
 def read_metrics(run: Path, key: str) -> list[tuple[int, float]]:
@@ -538,7 +533,7 @@ class Demo:
 
         banner(f"1/6 data: {self.plan.samples} captioned scenes -> {self.out / 'shards'}")
         spec = SceneSpec(samples=self.plan.samples, per_shard=250, seed=self.seed)
-        with progress(spec.samples, "writing shards", "sample") as bar:
+        with progress(total=spec.samples, desc="writing shards", unit="sample") as bar:
             self.result.shards = write_scene_shards(self.out / "shards", spec, bar.update)
         self.result.samples = spec.samples
         cfg = stage_config("base", self.common("base"))
@@ -625,7 +620,7 @@ class Demo:
         prompts = grid_prompts()
         single = [i for i, p in enumerate(prompts) if i % len(GRID_TEMPLATES) != 4]
         steps = self.plan.sampling_steps
-        with progress(3, "sampling grids", "grid") as bar:
+        with progress(total=3, desc="sampling grids", unit="grid") as bar:
             for stage in ("base", "v"):
                 model = open_exported(self.result.exports[stage], self.stage_cfg(stage))
                 images = sample_images(model, prompts, steps=steps, scale=SCALE,

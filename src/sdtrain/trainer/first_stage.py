@@ -28,7 +28,6 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import WandbLogger
 
 from sdtrain.config.errors import ConfigError
 from sdtrain.config.loader import to_yaml
@@ -136,7 +135,7 @@ def train_first_stage(
 ) -> FirstStageResult:
     """Train the autoencoder of ``cfg.model`` for ``cfg.trainer.max_steps`` on ``cfg.data``;
     write the original-layout checkpoint into the run folder and measure the latent scale."""
-    from sdtrain.trainer.fit import build_loggers, run_dir
+    from sdtrain.trainer.fit import build_loggers, finish_loggers, run_dir
 
     warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
     folder = run_dir(cfg)
@@ -178,9 +177,7 @@ def train_first_stage(
     try:
         trainer.fit(module)
     finally:
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.experiment.finish()
+        finish_loggers(trainer)
     autoencoder = module.autoencoder.cpu().eval()
     scale, l1 = measure(autoencoder, cfg, measure_batches)
     checkpoint = write_checkpoint(

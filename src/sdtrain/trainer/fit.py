@@ -320,12 +320,16 @@ def fit(cfg: ExperimentConfig, callbacks: Sequence[Callback] = ()) -> Path:
     try:
         trainer.fit(module, ckpt_path=str(plan.resume_from) if plan.resume_from else None)
     finally:
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                # Lightning leaves the wandb run open; a second fit in this process would log
-                # into it.
-                logger.experiment.finish()
+        finish_loggers(trainer)
     return plan.dir
+
+
+def finish_loggers(trainer: pl.Trainer) -> None:
+    """Close the wandb run: Lightning leaves it open, and a second fit in this process would log
+    into it."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
 
 
 # ---------------------------------------------------------------------------------------------
