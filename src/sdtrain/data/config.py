@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sdtrain.config.errors import ConfigError
+from sdtrain.errors import ConfigError
 
 Comparison = Literal[">", ">=", "<", "<=", "=="]
 MissingPolicy = Literal["keep", "reject"]

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdtrain.config.errors import ConfigError
 from sdtrain.data.shards import DataError
+from sdtrain.errors import ConfigError
 from sdtrain.utils.progress import progress
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

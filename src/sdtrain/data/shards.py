@@ -22,11 +22,9 @@ from typing import Any, BinaryIO
 
 from braceexpand import braceexpand
 
+from sdtrain.errors import DataError
+
 log = logging.getLogger("sdtrain.data")
-
-
-class DataError(RuntimeError):
-    """A data problem that stops the run: no shards, too few shards, too many errors."""
 
 
 class ShardReadError(OSError):

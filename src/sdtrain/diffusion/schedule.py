@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from sdtrain.config.errors import ConfigError
+from sdtrain.errors import ConfigError
 
 # The persistent buffers of the original DDPM, in registration order (unprefixed checkpoint keys).
 SCHEDULE_BUFFERS = (

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdtrain.config.errors import ConfigError
 from sdtrain.data.config import DataConfig, MaskConfig
 from sdtrain.data.make_shards import make_shards
 from sdtrain.data.shards import DataError
+from sdtrain.errors import ConfigError
 from sdtrain.utils.progress import progress
 
 DATA_CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "data"

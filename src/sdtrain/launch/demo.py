@@ -725,7 +725,7 @@ def run_demo(
     out = Path(out)
     if holds_demo(out):
         if not overwrite:
-            from sdtrain.config.errors import ConfigError
+            from sdtrain.errors import ConfigError
 
             raise ConfigError(
                 f"{out} already holds a demo run: pass --overwrite to replace it, or another --out"

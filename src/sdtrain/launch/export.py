@@ -32,9 +32,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
-from sdtrain.config.errors import ConfigError
 from sdtrain.config.loader import build_dataclass
 from sdtrain.config.schema import ExperimentConfig
+from sdtrain.errors import ConfigError
 from sdtrain.models.checkpoint import (
     SAFETENSORS_SUFFIX,
     TORCH_SUFFIXES,

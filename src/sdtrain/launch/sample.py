@@ -36,11 +36,11 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from sdtrain.config.errors import ConfigError
 from sdtrain.config.schema import ExperimentConfig, ModelConfig
 from sdtrain.data.transforms import masked_images
 from sdtrain.diffusion.samplers import KnownRegion, SamplerName, cfg_denoiser, sample
 from sdtrain.diffusion.schedule import NoiseSchedule
+from sdtrain.errors import ConfigError
 from sdtrain.launch.export import (
     NotATrainingCheckpoint,
     TrainingCheckpoint,

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 
-from sdtrain.config.errors import ConfigError
+from sdtrain.errors import ConfigError
 
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 

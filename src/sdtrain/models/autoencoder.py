@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdtrain.config.errors import ConfigError
+from sdtrain.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # Config

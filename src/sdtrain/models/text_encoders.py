@@ -30,7 +30,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
 from torch import Tensor, nn
 
-from sdtrain.config.errors import ConfigError
+from sdtrain.errors import ConfigError
 
 __all__ = [
     "BOS_ID",

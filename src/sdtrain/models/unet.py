@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sdtrain.config.errors import ConfigError
+from sdtrain.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # Config

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sdtrain.config.errors import ConfigError
+from sdtrain.errors import ConfigError
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdtrain.config.errors import ConfigError
+from sdtrain.errors import ConfigError
 
 
 @dataclass

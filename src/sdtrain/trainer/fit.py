@@ -25,9 +25,9 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from sdtrain.config.errors import ConfigError
 from sdtrain.config.loader import to_dict, to_yaml
 from sdtrain.config.schema import ExperimentConfig
+from sdtrain.errors import ConfigError
 from sdtrain.launch.slurm import PreemptionCallback, check_allocation, in_slurm_step
 from sdtrain.models.checkpoint import CheckpointError, data_only_globals, read_checkpoint
 from sdtrain.models.stable_diffusion import StableDiffusion
