@@ -12,12 +12,8 @@ import pytest
 
 from sdtrain.config.errors import ConfigError
 from sdtrain.launch.cli import EXIT_OK, EXIT_USAGE, main
-from sdtrain.launch.slurm import (
-    SlurmOptions,
-    check_allocation,
-    render_sbatch,
-    time_limit_seconds,
-)
+from sdtrain.launch.slurm import SlurmOptions, render_sbatch, time_limit_seconds
+from sdtrain.trainer.preemption import check_allocation
 
 ROOT = Path(__file__).resolve().parents[1]
 
