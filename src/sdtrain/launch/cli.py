@@ -14,28 +14,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sdtrain.config.resolve import resolve_config_path
 from sdtrain.errors import ConfigError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-def configs_dir() -> Path:
-    """The shipped ``configs/`` folder (beside ``src/`` in a checkout or editable install)."""
-    return Path(__file__).resolve().parents[3] / "configs"
-
-
-def resolve_config_path(name: str) -> Path:
-    """A path as given, or a shipped model config by short name (``tiny-base``, ``sd15``, ...)."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return path
-    shipped = configs_dir() / "models" / f"{name}.yaml"
-    if shipped.is_file():
-        return shipped
-    choices = sorted(p.stem for p in (configs_dir() / "models").glob("*.yaml"))
-    raise ConfigError(
-        f"no config file {name!r} and no shipped model config of that name ({choices})"
-    )
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: Sequence[str] = ()) -> None:

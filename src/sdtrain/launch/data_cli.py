@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdtrain.config.resolve import configs_dir, resolve_config_path
 from sdtrain.data.config import DataConfig, MaskConfig
 from sdtrain.data.make_shards import make_shards
 from sdtrain.data.shards import DataError
 from sdtrain.errors import ConfigError
 from sdtrain.utils.progress import progress
 
-DATA_CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "data"
+DATA_CONFIGS = configs_dir("data")
 """The shipped data configs (beside ``src/`` in a checkout or editable install)."""
 
 _SHOWN_SKIPS = 20
@@ -58,14 +59,7 @@ class DataRoot:
 
 def resolve_data_config(name: str) -> Path:
     """A path as given, or a shipped data config by short name (``laion-sd15-inpainting``)."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return path
-    shipped = DATA_CONFIGS / f"{name}.yaml"
-    if shipped.is_file():
-        return shipped
-    choices = sorted(p.stem for p in DATA_CONFIGS.glob("*.yaml"))
-    raise ConfigError(f"no config file {name!r} and no shipped data config of that name {choices}")
+    return resolve_config_path(name, "data")
 
 
 def load_data_config(

@@ -40,6 +40,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from sdtrain.config.resolve import configs_dir as shipped_configs
 from sdtrain.config.schema import ExperimentConfig
 from sdtrain.utils.progress import progress
 
@@ -87,9 +88,8 @@ PLANS = {
 
 
 def configs_dir() -> Path:
-    from sdtrain.launch.cli import configs_dir as shipped
-
-    return shipped() / "demo"
+    """The demo's stage configs (``configs/demo/``)."""
+    return shipped_configs("demo")
 
 
 def stage_config(stage: str, overrides: Sequence[str]) -> ExperimentConfig:
