@@ -4,6 +4,11 @@ No Lightning imports here: everything is plain torch and can be used from any tr
 """
 
 from sdtrain.diffusion.loss import diffusion_loss, min_snr_weights, sample_noise
+from sdtrain.diffusion.parameterization import (
+    PARAMETERIZATIONS,
+    Parameterization,
+    get_parameterization,
+)
 from sdtrain.diffusion.samplers import (
     SAMPLERS,
     DDIMSampler,
@@ -22,6 +27,7 @@ from sdtrain.diffusion.schedule import (
 )
 
 __all__ = [
+    "PARAMETERIZATIONS",
     "SAMPLERS",
     "SCHEDULE_BUFFERS",
     "DDIMSampler",
@@ -29,8 +35,10 @@ __all__ = [
     "DiffusionConfig",
     "NoiseSchedule",
     "PLMSSampler",
+    "Parameterization",
     "cfg_denoiser",
     "diffusion_loss",
+    "get_parameterization",
     "make_betas",
     "min_snr_weights",
     "rescale_zero_terminal_snr",

@@ -32,15 +32,12 @@ def sample_noise(
 
 
 def min_snr_weights(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample weights min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v.
-
-    Both equal ``min(SNR, gamma)`` in x0-space (Hang et al. 2023); shape (B,).
+    """Per-sample weights (B,) that are ``min(SNR, gamma)`` in x0 space (Hang et al. 2023),
+    read in the target space of the schedule's parameterisation: min(SNR, gamma) / SNR for eps,
+    min(SNR, gamma) / (SNR + 1) for v.
     """
     snr = schedule.snr(t)
-    clipped = snr.clamp(max=gamma)
-    if schedule.config.parameterization == "v":
-        return clipped / (snr + 1.0)
-    return clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny)
+    return schedule.parameterization.loss_weights(snr.clamp(max=gamma), snr)
 
 
 def diffusion_loss(

@@ -7,7 +7,7 @@ The pieces, each small and separately testable:
   parameterisation (eps or v).
 - ``cfg_denoiser``: classifier-free guidance, binding the conditioning and returning
   ``model(x_t, t) -> model_output``; guidance is applied on the model output (eps or v), which the
-  sampler then converts with ``NoiseSchedule.to_eps_and_x0``, as the SD2 code does for v.
+  sampler then converts with the schedule's ``Parameterization``, as the SD2 code does for v.
 - ``DDIMSampler`` / ``PLMSSampler``: one ``step`` each, and a loop from noise to latents.
 - ``sample``: the entry point, picking a sampler by name from ``SAMPLERS``.
 
@@ -162,7 +162,8 @@ class UniformSampler:
     def predict(self, model: BoundModel, x: Tensor, t: int) -> tuple[Tensor, Tensor]:
         """(eps, x0) from one model call at timestep ``t``."""
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        return self.schedule.to_eps_and_x0(x, t_batch, model(x, t_batch))
+        output = model(x, t_batch)  # (B, C, H, W) in the model's parameterisation
+        return self.schedule.parameterization.to_eps_and_x0(self.schedule, x, t_batch, output)
 
     def update(
         self, x: Tensor, i: int, eps: Tensor, x0: Tensor, generator: torch.Generator | None

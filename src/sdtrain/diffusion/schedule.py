@@ -2,7 +2,8 @@
 
 The betas and every derived quantity are computed in float64 (as the original does in numpy) and
 stored as float32, which is what the original registers as buffers and saves in checkpoints.
-``q_sample`` and the eps / v / x0 conversions gather these float32 values per sample.
+``q_sample`` and the eps / v / x0 conversions gather these float32 values per sample; which of
+them a model output needs is the configured ``Parameterization``'s business (``parameterization``).
 Zero-terminal-SNR rescaling (Lin et al. 2023) is an opt-in variant of the betas.
 """
 
@@ -14,6 +15,11 @@ from typing import Literal
 
 import torch
 
+from sdtrain.diffusion.parameterization import (
+    Parameterization,
+    ParameterizationName,
+    get_parameterization,
+)
 from sdtrain.errors import ConfigError
 
 # The persistent buffers of the original DDPM, in registration order (unprefixed checkpoint keys).
@@ -37,7 +43,7 @@ SCHEDULE_BUFFERS = (
 class DiffusionConfig:
     """Noise schedule, training objective and their opt-in variants."""
 
-    parameterization: Literal["eps", "v"] = "eps"
+    parameterization: ParameterizationName = "eps"
     """What the UNet predicts: the noise (SD1, SD2-base) or v (SD2 768-v)."""
     schedule: Literal["linear", "cosine"] = "linear"
     """``linear``: linear in sqrt(beta) (the original "linear"); ``cosine``: Nichol & Dhariwal."""
@@ -69,10 +75,11 @@ class DiffusionConfig:
             raise ConfigError("must be >= 0", key="offset_noise")
         if self.min_snr_gamma < 0:
             raise ConfigError("must be >= 0 (0 turns it off)", key="min_snr_gamma")
-        if self.zero_terminal_snr and self.parameterization == "eps":
+        objective = get_parameterization(self.parameterization)
+        if self.zero_terminal_snr and not objective.defined_at_zero_snr:
             raise ConfigError(
-                "zero_terminal_snr makes the eps target undefined at the last step; "
-                "use parameterization: v",
+                f"zero_terminal_snr makes the {objective.name} target undefined at the last "
+                "step; use parameterization: v",
                 key="zero_terminal_snr",
             )
 
@@ -132,6 +139,7 @@ class NoiseSchedule(torch.nn.Module):
     def __init__(self, cfg: DiffusionConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.parameterization: Parameterization = get_parameterization(cfg.parameterization)
         for name, value in self.compute_float64(cfg).items():
             self.register_buffer(name, value.to(torch.float32), persistent=False)
 
@@ -186,9 +194,7 @@ class NoiseSchedule(torch.nn.Module):
 
     def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The regression target of the configured parameterisation."""
-        if self.config.parameterization == "v":
-            return self.v_target(x0, t, noise)
-        return noise
+        return self.parameterization.target(self, x0, t, noise)
 
     def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x0 = sqrt(1 / alpha_bar_t) x_t - sqrt(1 / alpha_bar_t - 1) eps."""
@@ -221,9 +227,7 @@ class NoiseSchedule(torch.nn.Module):
         self, x_t: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps, x0) predicted by a model output of the configured parameterisation."""
-        if self.config.parameterization == "v":
-            return self.eps_from_v(x_t, t, model_output), self.x0_from_v(x_t, t, model_output)
-        return model_output, self.x0_from_eps(x_t, t, model_output)
+        return self.parameterization.to_eps_and_x0(self, x_t, t, model_output)
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t), shape (B,)."""
