@@ -40,11 +40,10 @@ from typing import Any, Literal
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdtrain.config.loader import load_config
-from sdtrain.config.schema import ExperimentConfig
 from sdtrain.data.transforms import masked_images, to_model_images
 from sdtrain.diffusion.loss import diffusion_loss
 from sdtrain.models.stable_diffusion import StableDiffusion
+from sdtrain.trainer.experiment import ExperimentConfig, load_config
 from sdtrain.trainer.module import LatentDiffusionModule, step_generator
 from sdtrain.utils.markdown import write_section
 from sdtrain.utils.threads import torch_threads

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 
-from sdtrain.config.loader import load_config
+from sdtrain.trainer.experiment import load_config
 from sdtrain.trainer.fit import build_module, build_trainer, prepare_run
 from sdtrain.trainer.module import LatentDiffusionModule
 

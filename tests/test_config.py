@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from sdtrain.config.errors import ConfigError
-from sdtrain.config.loader import load_config, to_yaml
-from sdtrain.config.schema import ExperimentConfig, ModelConfig
+from sdtrain.config.loader import to_yaml
+from sdtrain.models.config import ModelConfig
 from sdtrain.models.unet import UNetConfig
+from sdtrain.trainer.experiment import ExperimentConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))

@@ -19,9 +19,8 @@ import torch.distributed as dist
 from ddp_worker import checksum  # tests/ is on sys.path (pytest's default import mode)
 
 from sdtrain.config.errors import ConfigError
-from sdtrain.config.loader import load_config
-from sdtrain.config.schema import ExperimentConfig
 from sdtrain.data.synthetic import SyntheticSpec, write_synthetic_shards
+from sdtrain.trainer.experiment import ExperimentConfig, load_config
 from sdtrain.trainer.fit import RunPlan, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]

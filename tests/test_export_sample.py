@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtrain.config.loader import load_config
 from sdtrain.data.synthetic import SyntheticSpec, write_synthetic_shards
 from sdtrain.launch.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
 from sdtrain.launch.export import export_run, read_training_checkpoint
@@ -19,6 +18,7 @@ from sdtrain.launch.sample import image_grid, load_mask, open_source, sample_ima
 from sdtrain.launch.smoke import draw_test_scene
 from sdtrain.models.checkpoint import SCHEDULE_BUFFERS, read_checkpoint
 from sdtrain.models.stable_diffusion import StableDiffusion
+from sdtrain.trainer.experiment import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "configs" / "experiments"

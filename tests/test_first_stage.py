@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from sdtrain.config.errors import ConfigError
-from sdtrain.config.loader import load_config
 from sdtrain.data.pipeline import LaionLoader
 from sdtrain.data.shards import expand_shards, iter_samples
 from sdtrain.data.synthetic import (
@@ -28,6 +27,7 @@ from sdtrain.data.synthetic import (
 from sdtrain.data.transforms import to_model_images
 from sdtrain.models.autoencoder import AutoencoderKL
 from sdtrain.models.checkpoint import read_checkpoint
+from sdtrain.trainer.experiment import load_config
 from sdtrain.trainer.first_stage import FirstStageLoss, measure, train_first_stage
 
 ROOT = Path(__file__).resolve().parents[1]

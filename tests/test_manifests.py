@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtrain.config.loader import load_config
 from sdtrain.diffusion.schedule import SCHEDULE_BUFFERS
 from sdtrain.models.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from sdtrain.models.stable_diffusion import build_stable_diffusion
+from sdtrain.trainer.experiment import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 MODELS = ["sd15", "sd15-inpainting", "sd2-base", "sd2-v", "sd2-inpainting", "sd2-depth"]

@@ -110,8 +110,8 @@ def test_signal_checkpoints_and_stops(tmp_path: Path) -> None:
     nothing to requeue)."""
     import torch
 
-    from sdtrain.config.loader import load_config
     from sdtrain.data.synthetic import SyntheticSpec, write_synthetic_shards
+    from sdtrain.trainer.experiment import load_config
     from sdtrain.trainer.fit import fit
     from sdtrain.trainer.module import LatentDiffusionModule
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtrain.config.loader import load_config
 from sdtrain.models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from sdtrain.models.stable_diffusion import build_stable_diffusion
+from sdtrain.trainer.experiment import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 

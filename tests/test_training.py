@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtrain.config.loader import load_config
 from sdtrain.data.synthetic import SyntheticSpec, write_synthetic_shards
+from sdtrain.trainer.experiment import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "configs" / "experiments"

@@ -14,10 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtrain.config.loader import load_config
-from sdtrain.config.schema import ExperimentConfig
 from sdtrain.data.filters import DataStats
 from sdtrain.data.synthetic import SyntheticSpec, write_synthetic_shards
+from sdtrain.trainer.experiment import ExperimentConfig, load_config
 from sdtrain.trainer.fit import build_module, fit
 from sdtrain.trainer.validation import (
     ValidationCallback,

@@ -1,9 +1,12 @@
-"""Load experiment configs: YAML files merged in order, then ``key=value`` overrides, checked
-against the structured schema by OmegaConf and turned into real dataclasses.
+"""Load configs into a given dataclass: YAML files merged in order (each with its ``include:``
+files), then ``key=value`` overrides, checked against the structured schema by OmegaConf and
+turned into real dataclasses.
 
 Every problem surfaces as a ``ConfigError`` naming the key and the file (or "command line") that
 set it: unknown keys and wrong types when merging, missing required values and the components'
-own ``__post_init__`` rules (cross-field checks) when building the dataclasses.
+own ``__post_init__`` rules (cross-field checks) when building the dataclasses. The experiment
+schema and its ``load_config`` are in :mod:`sdtrain.trainer.experiment`; the data commands load
+only the ``data:`` section through the same function.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdtrain.config.errors import ConfigError
+from sdtrain.errors import ConfigError
 
 T = TypeVar("T")
 COMMAND_LINE = "command line"
@@ -26,25 +29,33 @@ DEFAULTS = "defaults"
 _ABSENT = object()
 
 
-def load_config(
-    paths: Sequence[str | Path], overrides: Sequence[str] = (), schema: type[T] | None = None
+def load_dataclass(
+    schema: type[T],
+    paths: Sequence[str | Path],
+    overrides: Sequence[str] = (),
+    *,
+    base: T | None = None,
+    sections: Sequence[str] | None = None,
 ) -> T:
-    """Merge ``paths`` in order, apply ``overrides`` (``a.b=value``); return a checked schema."""
-    if schema is None:
-        from sdtrain.config.schema import ExperimentConfig
+    """Merge ``paths`` in order, apply ``overrides`` (``a.b=value``); return a checked ``schema``.
 
-        schema = ExperimentConfig  # type: ignore[assignment]
-    merged = OmegaConf.structured(schema)
+    Values start from ``base`` (default: the schema's defaults). With ``sections``, only those
+    top-level keys are read from the files (the data commands read the ``data:`` section of
+    experiment files and ignore the rest).
+    """
+    merged = OmegaConf.structured(base if base is not None else schema)
     sources: list[tuple[str, DictConfig]] = []
     for path in paths:
         for source, node in read_with_includes(Path(path)):
+            if sections is not None:
+                node = OmegaConf.create({k: node[k] for k in sections if node.get(k) is not None})
             merged = _merge(merged, node, source)
             sources.append((source, node))
     if overrides:
         node = parse_overrides(overrides, merged)
         merged = _merge(merged, node, COMMAND_LINE)
         sources.append((COMMAND_LINE, node))
-    return build_dataclass(schema, merged, "", sources)  # type: ignore[arg-type]
+    return build_dataclass(schema, merged, "", sources)
 
 
 def read_yaml(path: str | Path) -> DictConfig:

@@ -39,7 +39,7 @@ def _add_config_args(parser: argparse.ArgumentParser, default: Sequence[str] = (
 
 
 def _load(args: argparse.Namespace):
-    from sdtrain.config.loader import load_config
+    from sdtrain.trainer.experiment import load_config
 
     # `--config a.yaml k=v` puts the overrides into --config's list: split them off again.
     files = [item for item in args.config if "=" not in item]

@@ -73,12 +73,10 @@ def load_data_config(
     be given. Values start from ``base`` (default: ``DataConfig()``, the SD defaults); a file only
     changes the keys it sets. Unknown keys, wrong types and the components' own checks raise
     ``ConfigError`` naming the key and the file (or "command line") that set it, exactly as the
-    experiment loader (:func:`sdtrain.config.loader.load_config`) does.
+    experiment loader (:func:`sdtrain.trainer.experiment.load_config`) does; files may
+    ``include:`` others.
     """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from sdtrain.config.loader import COMMAND_LINE, build_dataclass, parse_overrides, read_yaml
+    from sdtrain.config.loader import COMMAND_LINE, load_dataclass
 
     for item in overrides:
         if not item.startswith("data."):
@@ -87,24 +85,8 @@ def load_data_config(
                 f"'data.{item}'?)",
                 source=COMMAND_LINE,
             )
-    merged = OmegaConf.structured(DataRoot(data=base or DataConfig()))
-    sources = []
-    named = [(str(p), read_yaml(p)) for p in paths]
-    if overrides:
-        named.append((COMMAND_LINE, parse_overrides(overrides)))
-    for source, node in named:
-        data = node.get("data")
-        section = OmegaConf.create({} if data is None else {"data": data})
-        try:
-            merged = OmegaConf.merge(merged, section)
-        except OmegaConfBaseException as err:
-            message = str(err).splitlines()[0]
-            if type(err).__name__ == "ConfigKeyError":
-                message = f"unknown key ({message})"
-            key = getattr(err, "full_key", None)
-            raise ConfigError(message, key=key, source=source) from None
-        sources.append((source, section))
-    return build_dataclass(DataRoot, merged, "", sources).data  # type: ignore[arg-type]
+    start = DataRoot(data=base or DataConfig())
+    return load_dataclass(DataRoot, paths, overrides, base=start, sections=("data",)).data
 
 
 _OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")

@@ -41,7 +41,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from sdtrain.config.resolve import configs_dir as shipped_configs
-from sdtrain.config.schema import ExperimentConfig
+from sdtrain.trainer.experiment import ExperimentConfig
 from sdtrain.utils.progress import progress
 
 STAGES = ("first-stage", "base", "inpainting", "v")
@@ -94,7 +94,7 @@ def configs_dir() -> Path:
 
 def stage_config(stage: str, overrides: Sequence[str]) -> ExperimentConfig:
     """``configs/demo/<stage>.yaml`` with the demo's overrides."""
-    from sdtrain.config.loader import load_config
+    from sdtrain.trainer.experiment import load_config
 
     return load_config([configs_dir() / f"{stage}.yaml"], list(overrides))
 

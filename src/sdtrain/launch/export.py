@@ -33,7 +33,6 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
 from sdtrain.config.loader import build_dataclass
-from sdtrain.config.schema import ExperimentConfig
 from sdtrain.errors import ConfigError
 from sdtrain.models.checkpoint import (
     SAFETENSORS_SUFFIX,
@@ -45,6 +44,7 @@ from sdtrain.models.checkpoint import (
     write_checkpoint,
 )
 from sdtrain.models.stable_diffusion import StableDiffusion
+from sdtrain.trainer.experiment import ExperimentConfig
 
 Weights = Literal["ema", "raw"]
 TRAINING_UNET_PREFIX = "model.unet."

@@ -36,7 +36,6 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from sdtrain.config.schema import ExperimentConfig, ModelConfig
 from sdtrain.data.transforms import masked_images
 from sdtrain.diffusion.samplers import KnownRegion, SamplerName, cfg_denoiser, sample
 from sdtrain.diffusion.schedule import NoiseSchedule
@@ -55,7 +54,9 @@ from sdtrain.models.checkpoint import (
     PathLike,
     read_checkpoint,
 )
+from sdtrain.models.config import ModelConfig
 from sdtrain.models.stable_diffusion import StableDiffusion
+from sdtrain.trainer.experiment import ExperimentConfig
 
 # ---------------------------------------------------------------------------------------------
 # Where the model comes from

@@ -176,7 +176,8 @@ def submit(
     dry_run: bool = False,
 ) -> tuple[str, Path, str | None]:
     """Resolve, snapshot, render and (unless ``dry_run``) sbatch; returns (script, path, job)."""
-    from sdtrain.config.loader import load_config, to_yaml
+    from sdtrain.config.loader import to_yaml
+    from sdtrain.trainer.experiment import load_config
     from sdtrain.trainer.fit import prepare_run
 
     check_options(options)

@@ -18,9 +18,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdtrain.config.loader import to_yaml
-from sdtrain.config.schema import ExperimentConfig
 from sdtrain.diffusion.loss import diffusion_loss, sample_noise
 from sdtrain.models.stable_diffusion import StableDiffusion, build_stable_diffusion
+from sdtrain.trainer.experiment import ExperimentConfig
 
 
 def draw_test_scene(size: int) -> Image.Image:

@@ -28,7 +28,7 @@ from sdtrain.models.text_encoders import FrozenTextEncoder, TextStateDictError
 from sdtrain.models.unet import UNetModel
 
 if TYPE_CHECKING:
-    from sdtrain.config.schema import ModelConfig
+    from sdtrain.models.config import ModelConfig
 
 
 @dataclass

@@ -30,13 +30,13 @@ import pytorch_lightning as pl
 import torch
 
 from sdtrain.config.loader import to_yaml
-from sdtrain.config.schema import ExperimentConfig
 from sdtrain.data.pipeline import LaionLoader
 from sdtrain.data.transforms import masked_images, to_model_images
 from sdtrain.errors import ConfigError
 from sdtrain.models.autoencoder import AutoencoderKL
 from sdtrain.models.checkpoint import read_checkpoint, write_checkpoint
 from sdtrain.models.text_encoders import FrozenTextEncoder, TextStateDictError
+from sdtrain.trainer.experiment import ExperimentConfig
 from sdtrain.trainer.module import step_generator
 
 FIRST_STAGE_FILE = "first_stage.ckpt"

@@ -26,10 +26,10 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from sdtrain.config.loader import to_dict, to_yaml
-from sdtrain.config.schema import ExperimentConfig
 from sdtrain.errors import ConfigError
 from sdtrain.models.checkpoint import CheckpointError, data_only_globals, read_checkpoint
 from sdtrain.models.stable_diffusion import StableDiffusion
+from sdtrain.trainer.experiment import ExperimentConfig
 from sdtrain.trainer.module import LatentDiffusionModule, effective_batch_line
 from sdtrain.trainer.preemption import PreemptionCallback, check_allocation, in_slurm_step
 from sdtrain.trainer.validation import validation_callbacks

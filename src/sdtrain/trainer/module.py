@@ -16,12 +16,12 @@ import torch
 import torch.distributed as dist
 
 from sdtrain.config.loader import to_yaml
-from sdtrain.config.schema import ExperimentConfig
 from sdtrain.data.pipeline import LOADER_STATE_KEY, LaionLoader
 from sdtrain.data.transforms import masked_images, to_model_images
 from sdtrain.diffusion.loss import diffusion_loss, sample_noise
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.ema import EMA
+from sdtrain.trainer.experiment import ExperimentConfig
 
 log = logging.getLogger("sdtrain.trainer")
 UNET_PREFIX = "model.unet."

@@ -54,7 +54,6 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor
 
-from sdtrain.config.schema import ExperimentConfig
 from sdtrain.data.config import DataConfig
 from sdtrain.data.filters import DataStats
 from sdtrain.data.pipeline import LaionLoader
@@ -64,6 +63,7 @@ from sdtrain.diffusion.samplers import cfg_denoiser, sample
 from sdtrain.launch.smoke import draw_test_scene
 from sdtrain.launch.smoke import to_tensor as scene_tensor
 from sdtrain.models.stable_diffusion import StableDiffusion
+from sdtrain.trainer.experiment import ExperimentConfig
 from sdtrain.trainer.module import LatentDiffusionModule
 
 log = logging.getLogger("sdtrain.trainer")
