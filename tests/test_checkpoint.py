@@ -1,4 +1,5 @@
-"""Tests for sdtrain.models.checkpoint: the original Stable Diffusion checkpoint layout on disk.
+"""Tests for sdtrain.models.adapters.original and sdtrain.utils.files: the original Stable
+Diffusion checkpoint layout on disk.
 
 Key names come from the reference manifests (made by the original code), weights from the tiny
 reference fixtures, so a passing test means the files we write are key-for-key original ones.
@@ -19,13 +20,13 @@ import torch
 from conftest import find_reference_dir, load_gzipped_safetensors
 from torch import Tensor, nn
 
-from sdtrain.models.checkpoint import (
+from sdtrain.errors import CheckpointError
+from sdtrain.models.adapters.original import (
     EMA_PREFIX,
     SCHEDULE_BUFFERS,
     TEXT_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
-    CheckpointError,
     OriginalCheckpoint,
     build_original_state_dict,
     deflatten_ema,

@@ -44,7 +44,7 @@ def test_config_errors_exit_2_and_name_the_key(capsys) -> None:
 
 
 def test_checkpoint_inspect_and_convert(tmp_path: Path, capsys) -> None:
-    from sdtrain.models.checkpoint import read_checkpoint, write_checkpoint
+    from sdtrain.models.adapters.original import read_checkpoint, write_checkpoint
     from sdtrain.models.stable_diffusion import build_stable_diffusion
     from sdtrain.trainer.experiment import load_config
 

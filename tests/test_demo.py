@@ -19,21 +19,18 @@ from PIL import Image
 
 from sdtrain.data.synthetic import REJECT_REASONS, SCENE_COLOURS, SCENE_SHAPES, Scene, SceneShape
 from sdtrain.data.synthetic import draw_scene as draw
-from sdtrain.launch.demo import (
+from sdtrain.launch.demo import STAGES, open_exported, run_demo, stage_config
+from sdtrain.launch.demo_report import (
     INPAINT_CASES,
-    STAGES,
     DemoResult,
     case_inputs,
     dominant_colour,
     masked_colour,
-    open_exported,
     region_differences,
-    run_demo,
-    stage_config,
-    to_uint8,
 )
 from sdtrain.launch.sample import sample_images
-from sdtrain.models.checkpoint import UNET_INPUT_CONV, read_checkpoint
+from sdtrain.models.adapters.original import UNET_INPUT_CONV, read_checkpoint
+from sdtrain.utils.images import to_uint8
 
 pytestmark = pytest.mark.slow
 

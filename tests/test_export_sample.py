@@ -16,7 +16,7 @@ from sdtrain.launch.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
 from sdtrain.launch.export import export_run, read_training_checkpoint
 from sdtrain.launch.sample import image_grid, load_mask, open_source, sample_images
 from sdtrain.launch.smoke import draw_test_scene
-from sdtrain.models.checkpoint import SCHEDULE_BUFFERS, read_checkpoint
+from sdtrain.models.adapters.original import SCHEDULE_BUFFERS, read_checkpoint
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.experiment import load_config
 

@@ -25,8 +25,8 @@ from sdtrain.data.synthetic import (
     write_scene_shards,
 )
 from sdtrain.data.transforms import to_model_images
+from sdtrain.models.adapters.original import read_checkpoint
 from sdtrain.models.autoencoder import AutoencoderKL
-from sdtrain.models.checkpoint import read_checkpoint
 from sdtrain.trainer.experiment import load_config
 from sdtrain.trainer.first_stage import FirstStageLoss, measure, train_first_stage
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sdtrain.diffusion.schedule import SCHEDULE_BUFFERS
-from sdtrain.models.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from sdtrain.models.adapters.original import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from sdtrain.models.stable_diffusion import build_stable_diffusion
 from sdtrain.trainer.experiment import load_config
 

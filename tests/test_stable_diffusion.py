@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtrain.models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from sdtrain.errors import CheckpointError
+from sdtrain.models.adapters.original import read_checkpoint, write_checkpoint
 from sdtrain.models.stable_diffusion import build_stable_diffusion
 from sdtrain.trainer.experiment import load_config
 

@@ -139,7 +139,7 @@ def test_trains_each_model_kind(
 
 
 def test_init_from_widens_a_base_checkpoint_to_inpainting(tmp_path: Path, shards: str) -> None:
-    from sdtrain.models.checkpoint import write_checkpoint
+    from sdtrain.models.adapters.original import write_checkpoint
     from sdtrain.models.stable_diffusion import StableDiffusion
     from sdtrain.trainer.fit import build_module
 

@@ -25,7 +25,13 @@ class CheckpointError(ValueError):
 class WriteError(CheckpointError):
     """A file (checkpoint, export, sample image, config copy) that could not be written; the
     message says why (no space left, read-only, permission) and that any previous file at that
-    path is unchanged."""
+    path is unchanged. ``reason`` is the why alone (``no space left on device``)."""
+
+    def __init__(
+        self, message: str, path: str | os.PathLike[str] | None = None, reason: str = ""
+    ) -> None:
+        super().__init__(message, path)
+        self.reason = reason or message
 
 
 class ConfigError(ValueError):

@@ -37,6 +37,7 @@ from sdtrain.data.config import DataConfig, MaskConfig
 from sdtrain.data.make_shards import make_shards
 from sdtrain.data.shards import DataError
 from sdtrain.errors import ConfigError
+from sdtrain.utils.images import caption_panel
 from sdtrain.utils.progress import progress
 
 DATA_CONFIGS = configs_dir("data")
@@ -253,50 +254,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # preview
 # ---------------------------------------------------------------------------------------------
-
-
-def _wrap(draw: Any, text: str, font: Any, width: int) -> list[str]:
-    """Greedy word wrap to ``width`` pixels (over-long words are cut)."""
-    lines: list[str] = []
-    line = ""
-    for word in text.split():
-        candidate = f"{line} {word}" if line else word
-        if draw.textlength(candidate, font=font) <= width:
-            line = candidate
-            continue
-        if line:
-            lines.append(line)
-        while draw.textlength(word, font=font) > width and len(word) > 1:
-            cut = max(1, int(len(word) * width / draw.textlength(word, font=font)))
-            lines.append(word[:cut])
-            word = word[cut:]
-        line = word
-    if line:
-        lines.append(line)
-    return lines
-
-
-def caption_panel(text: str, width: int, height: int) -> Any:
-    """A light grey ``width`` x ``height`` image with ``text`` wrapped in black (Pillow's default
-    font, scaled with the panel; too many lines end in an ellipsis)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    panel = Image.new("RGB", (width, height), (242, 242, 242))  # set apart from white masks
-    draw = ImageDraw.Draw(panel)
-    try:
-        font = ImageFont.load_default(size=max(10, height // 20))
-    except TypeError:  # Pillow < 10.1: a fixed-size bitmap font only
-        font = ImageFont.load_default()
-    margin = max(4, width // 40)
-    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (10, 2)
-    line_height = ascent + descent + 2
-    lines = _wrap(draw, text, font, width - 2 * margin)
-    fits = max(1, (height - 2 * margin) // line_height)
-    if len(lines) > fits:
-        lines = [*lines[: fits - 1], lines[fits - 1] + " …"]
-    for row, line in enumerate(lines):
-        draw.text((margin, margin + row * line_height), line, fill="black", font=font)
-    return panel
 
 
 def preview_rows(batch_samples: Sequence[Mapping[str, Any]]) -> Any:

@@ -20,169 +20,45 @@ import contextlib
 import dataclasses
 import os
 import random
-import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from torch import Tensor
 
-from sdtrain.config.loader import build_dataclass
-from sdtrain.errors import ConfigError
-from sdtrain.models.checkpoint import (
+from sdtrain.errors import CheckpointError, ConfigError
+from sdtrain.models.adapters.original import (
     SAFETENSORS_SUFFIX,
     TORCH_SUFFIXES,
-    CheckpointError,
-    PathLike,
-    data_only_globals,
     load_state_dict_strict,
     write_checkpoint,
 )
 from sdtrain.models.stable_diffusion import StableDiffusion
-from sdtrain.trainer.experiment import ExperimentConfig
+from sdtrain.trainer.checkpoints import (
+    NotATrainingCheckpoint,
+    TrainingCheckpoint,
+    Weights,
+    config_from_yaml,
+    newest_checkpoint,
+    read_training_checkpoint,
+)
+from sdtrain.utils import files
+from sdtrain.utils.files import PathLike
 
-Weights = Literal["ema", "raw"]
-TRAINING_UNET_PREFIX = "model.unet."
-# A run trained with trainer.compile=true saves the UNet from inside its OptimizedModule.
-COMPILED_PREFIX = "_orig_mod."
-
-
-class NotATrainingCheckpoint(CheckpointError):
-    """A readable torch file that was not written by ``sdtrain fit`` (e.g. an original .ckpt)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading training checkpoints
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingCheckpoint:
-    """What export and sampling need from one ``step=NNNNNNNN.ckpt``."""
-
-    path: Path
-    global_step: int | None
-    config: ExperimentConfig
-    """The resolved config the run trained with."""
-    unet: dict[str, Tensor]
-    """Raw UNet weights, keyed like ``UNetModel.state_dict()``."""
-    ema: dict[str, Tensor] | None
-    """The EMA shadow (same keys, float32), or None when the run kept no EMA."""
-    ema_decay: float = 0.9999
-    ema_num_updates: int = 0
-
-    def pick(self, use_ema: bool | None, with_ema: bool = False) -> Weights:
-        """Which weights become the UNet: EMA by default when there is one (see module doc)."""
-        if use_ema and with_ema:
-            raise ConfigError(
-                "--with-ema keeps the raw weights as the UNet and adds the EMA as model_ema.*; "
-                "it cannot be combined with --ema"
-            )
-        if (use_ema or with_ema) and self.ema is None:
-            raise CheckpointError(
-                "holds no EMA weights (the run had ema.enabled=false); export with --no-ema",
-                self.path,
-            )
-        if use_ema is None:
-            use_ema = self.ema is not None and not with_ema
-        return "ema" if use_ema else "raw"
-
-    def unet_weights(self, weights: Weights) -> dict[str, Tensor]:
-        """The UNet state dict for ``weights``; EMA covers the trainable parameters only, any
-        other entry keeps its raw value."""
-        if weights == "raw":
-            return dict(self.unet)
-        assert self.ema is not None
-        return {**self.unet, **self.ema}
-
-
-def newest_checkpoint(src: PathLike) -> Path:
-    """``src`` itself if it is a file, else the newest complete step checkpoint of a run folder
-    (``RUN/checkpoints/step=*.ckpt``, or the ``checkpoints`` folder itself)."""
-    from sdtrain.trainer.fit import step_checkpoints
-
-    path = Path(src)
-    if path.is_file():
-        return path
-    if not path.exists():
-        raise CheckpointError("no such run folder or checkpoint file", path)
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = step_checkpoints(folder)
-    if not found:
-        raise CheckpointError(
-            f"no complete step checkpoint (step=NNNNNNNN.ckpt) in {folder}; "
-            "has the run saved one yet (checkpoint.every_n_steps)?",
-            path,
-        )
-    return found[-1][1]
-
-
-def read_training_checkpoint(src: PathLike) -> TrainingCheckpoint:
-    """Read a step checkpoint (or a run folder's newest) without running pickled code."""
-    path = newest_checkpoint(src)
-    if path.suffix.lower() not in TORCH_SUFFIXES:
-        raise NotATrainingCheckpoint(
-            "is not a training checkpoint (those are step=NNNNNNNN.ckpt torch files)", path
-        )
-    obj = _torch_load(path)
-    extra = obj.get("sdtrain") if isinstance(obj, Mapping) else None
-    if not isinstance(extra, Mapping) or not isinstance(extra.get("config"), str):
-        raise NotATrainingCheckpoint(
-            "is not an sdtrain training checkpoint (no 'sdtrain' entry with the run's config); "
-            "an original-layout file needs its model config instead",
-            path,
-        )
-    state = obj.get("state_dict")
-    unet = {
-        key.removeprefix(TRAINING_UNET_PREFIX).removeprefix(COMPILED_PREFIX): value
-        for key, value in (state or {}).items()
-        if key.startswith(TRAINING_UNET_PREFIX)
-    }
-    if not unet:
-        raise CheckpointError(f"holds no UNet weights ({TRAINING_UNET_PREFIX}*)", path)
-    ema_state = extra.get("ema")
-    step = obj.get("global_step")
-    return TrainingCheckpoint(
-        path=path,
-        global_step=int(step) if step is not None else None,
-        config=config_from_yaml(extra["config"], path),
-        unet=unet,
-        ema=dict(ema_state["shadow"]) if ema_state else None,
-        ema_decay=float(ema_state["decay"]) if ema_state else 0.9999,
-        ema_num_updates=int(ema_state["num_updates"]) if ema_state else 0,
-    )
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        with torch.serialization.safe_globals(data_only_globals()):
-            return torch.load(
-                path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
-            )
-    except Exception as err:  # corruption surfaces as RuntimeError, EOFError, UnpicklingError...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-        raise CheckpointError(
-            f"cannot be read, the file is truncated, corrupt or not a torch checkpoint "
-            f"({type(err).__name__}: {first})",
-            path,
-        ) from err
-
-
-def config_from_yaml(text: str, path: PathLike) -> ExperimentConfig:
-    """The ``ExperimentConfig`` stored in a checkpoint, checked against today's schema."""
-    source = f"{path} (stored config)"
-    try:
-        node = OmegaConf.create(text)
-        merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), node)
-        return build_dataclass(ExperimentConfig, merged, "", [(source, node)])  # type: ignore[arg-type]
-    except (OmegaConfBaseException, ConfigError) as err:
-        first = str(err).splitlines()[0]
-        raise CheckpointError(f"its stored config does not load: {first}", path) from None
+# Reading training checkpoints moved to sdtrain.trainer.checkpoints; these names stay importable.
+__all__ = [
+    "Exported",
+    "NotATrainingCheckpoint",
+    "TrainingCheckpoint",
+    "Weights",
+    "config_from_yaml",
+    "export_run",
+    "newest_checkpoint",
+    "read_training_checkpoint",
+    "rebuild_model",
+    "training_seed",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,11 +150,13 @@ def export_run(
         raise ConfigError(
             f"output {out} must end in .ckpt or .safetensors (the suffix picks the format)"
         )
+    problem = files.cannot_write(out)
+    if problem:
+        raise ConfigError(f"{problem}; choose another output path")
     ckpt = read_training_checkpoint(src)
     weights = ckpt.pick(use_ema, with_ema)
     model = rebuild_model(ckpt, weights)
     parts = model.original_parts(ema=ckpt.ema if with_ema else None)
-    out.parent.mkdir(parents=True, exist_ok=True)
     path = write_checkpoint(
         out,
         **parts,

@@ -25,7 +25,6 @@ when ``eta > 0``) comes from one generator seeded with it.
 from __future__ import annotations
 
 import dataclasses
-import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,7 +46,6 @@ from sdtrain.launch.export import (
     read_training_checkpoint,
     rebuild_model,
 )
-from sdtrain.launch.smoke import to_image, to_tensor
 from sdtrain.models.checkpoint import (
     CheckpointError,
     OriginalCheckpoint,
@@ -57,6 +55,7 @@ from sdtrain.models.checkpoint import (
 from sdtrain.models.config import ModelConfig
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.experiment import ExperimentConfig
+from sdtrain.utils.images import image_grid, to_image, to_tensor
 
 # ---------------------------------------------------------------------------------------------
 # Where the model comes from
@@ -257,18 +256,6 @@ def sample_images(
         generator=generator, device=device, known=known,
     )  # fmt: skip
     return model.decode_latents(latents)  # (B, 3, size, size)
-
-
-def image_grid(images: Tensor, cols: int | None = None) -> Tensor:
-    """(B, C, H, W) -> (1, C, rows * H, cols * W), row by row; ``cols`` defaults to
-    ``ceil(sqrt(B))``; empty cells are white."""
-    b, c, h, w = images.shape
-    cols = cols or math.ceil(math.sqrt(b))
-    rows = math.ceil(b / cols)
-    grid = images.new_ones(rows * cols, c, h, w)
-    grid[:b] = images
-    grid = grid.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4)  # (C, rows, H, cols, W)
-    return grid.reshape(1, c, rows * h, cols * w)
 
 
 @dataclass

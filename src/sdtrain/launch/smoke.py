@@ -13,40 +13,14 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from sdtrain.config.loader import to_yaml
 from sdtrain.diffusion.loss import diffusion_loss, sample_noise
 from sdtrain.models.stable_diffusion import StableDiffusion, build_stable_diffusion
 from sdtrain.trainer.experiment import ExperimentConfig
-
-
-def draw_test_scene(size: int) -> Image.Image:
-    """A red circle above a blue square on a white background."""
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    s = size
-    draw.ellipse((0.3 * s, 0.05 * s, 0.7 * s, 0.45 * s), fill=(220, 30, 30))
-    draw.rectangle((0.3 * s, 0.55 * s, 0.7 * s, 0.95 * s), fill=(30, 60, 220))
-    return image
-
-
-def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """PIL image -> (1, 3, size, size) float in [-1, 1], centre-cropped and resized."""
-    image = image.convert("RGB")
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-    array = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()  # (3, S, S)
-    return (array / 127.5 - 1.0)[None]
-
-
-def to_image(x: torch.Tensor) -> Image.Image:
-    """(1, C, H, W) in [-1, 1] -> PIL image (grey for one channel)."""
-    array = ((x[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+from sdtrain.utils.images import draw_test_scene, to_image, to_tensor
 
 
 def conditioning_for(

@@ -4,15 +4,15 @@ Public API relied on by outside checks: ``build_unet(params)`` and
 ``build_autoencoder(ddconfig, embed_dim)``, both taking the original config names.
 """
 
-from sdtrain.models.autoencoder import AutoencoderConfig, AutoencoderKL, DDConfig, build_autoencoder
-from sdtrain.models.checkpoint import (
-    CheckpointError,
+from sdtrain.errors import CheckpointError
+from sdtrain.models.adapters.original import (
     OriginalCheckpoint,
     read_checkpoint,
     widen_input_channels,
     write_checkpoint,
     write_weights_safetensors,
 )
+from sdtrain.models.autoencoder import AutoencoderConfig, AutoencoderKL, DDConfig, build_autoencoder
 from sdtrain.models.stable_diffusion import StableDiffusion, build_stable_diffusion
 from sdtrain.models.text_encoders import FrozenTextEncoder, TextEncoderConfig, build_text_encoder
 from sdtrain.models.unet import UNetConfig, UNetModel, build_unet

@@ -4,7 +4,8 @@
 schedule built from one ``ModelConfig``. It loads an original-layout checkpoint part by part
 (strict, with errors naming the file and the keys), widening a 4-channel UNet to the configured
 5 or 9 input channels with zero-initialised extra channels, and gives its weights back in the
-original layout. Base, inpainting and depth models differ only in what ``unet_input`` concatenates.
+original layout. Base, inpainting and depth models differ only in their conditioning component
+(``models.conditioning``, chosen by ``model.conditioning``): what is concatenated to the latents.
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ import torch
 from torch import nn
 
 from sdtrain.diffusion.schedule import NoiseSchedule
-from sdtrain.models.autoencoder import AutoencoderKL
-from sdtrain.models.checkpoint import (
+from sdtrain.errors import CheckpointError
+from sdtrain.models.adapters.original import (
     UNET_INPUT_CONV,
-    CheckpointError,
     OriginalCheckpoint,
     load_state_dict_strict,
     widen_input_channels,
+)
+from sdtrain.models.autoencoder import AutoencoderKL
+from sdtrain.models.conditioning import (
+    ConditioningComponent,
+    UNetConditioning,
+    conditioning_component,
 )
 from sdtrain.models.text_encoders import FrozenTextEncoder, TextStateDictError
 from sdtrain.models.unet import UNetModel
@@ -85,6 +91,11 @@ class StableDiffusion(nn.Module):
         """Scaled latents -> images in [-1, 1] (clamped)."""
         return self.autoencoder.decode(latents / self.config.autoencoder.scale_factor).clamp(-1, 1)
 
+    @property
+    def conditioning(self) -> ConditioningComponent:
+        """The component of ``model.conditioning``: what the UNet sees besides the latents."""
+        return conditioning_component(self.config.conditioning)
+
     def conditioning_channels(
         self,
         latents_hw: tuple[int, int],
@@ -92,28 +103,16 @@ class StableDiffusion(nn.Module):
         masked_image_latents: torch.Tensor | None = None,
         depth: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """The channels concatenated after the noisy latents, at latent size.
-
-        inpainting: mask (B, 1, H, W) resized nearest + masked-image latents (B, 4, h, w);
-        depth: depth (B, 1, H, W) resized bicubic; txt2img: None.
-        """
-        kind = self.config.conditioning
-        if kind == "txt2img":
-            return None
-        if kind == "inpainting":
-            if mask is None or masked_image_latents is None:
-                raise ValueError("an inpainting model needs mask and masked_image_latents")
-            small = nn.functional.interpolate(mask.float(), size=latents_hw, mode="nearest")
-            return torch.cat([small.to(masked_image_latents.dtype), masked_image_latents], dim=1)
-        if depth is None:
-            raise ValueError("a depth model needs a depth map")
-        return nn.functional.interpolate(depth.float(), size=latents_hw, mode="bicubic")
+        """The channels concatenated after the noisy latents, at latent size, from encoded parts
+        (see ``ConditioningComponent.channels``): inpainting mask + masked-image latents, depth
+        map; None for text-to-image."""
+        parts = {"mask": mask, "masked_image_latents": masked_image_latents, "depth": depth}
+        given = {k: v for k, v in parts.items() if v is not None}
+        return self.conditioning.channels(latents_hw, given)
 
     def unet_input(self, noisy: torch.Tensor, conditioning: torch.Tensor | None) -> torch.Tensor:
         """cat([noisy latents, conditioning]) along channels, as the original ``hybrid`` mode."""
-        if conditioning is None:
-            return noisy
-        return torch.cat([noisy, conditioning.to(noisy.dtype)], dim=1)
+        return UNetConditioning(conditioning).unet_input(noisy)
 
     # --- original checkpoints ---------------------------------------------------------------
 

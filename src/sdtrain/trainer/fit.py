@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import shutil
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +21,29 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
-from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from sdtrain.config.loader import to_dict, to_yaml
-from sdtrain.errors import ConfigError
-from sdtrain.models.checkpoint import CheckpointError, data_only_globals, read_checkpoint
+from sdtrain.errors import CheckpointError, ConfigError, WriteError
+from sdtrain.models.adapters.original import read_checkpoint
 from sdtrain.models.stable_diffusion import StableDiffusion
+from sdtrain.trainer.checkpoints import (
+    AtomicCheckpointIO,
+    NotATrainingCheckpoint,
+    StepCheckpoint,
+    check_resume_compatible,
+    choose_resume,
+    newest_healthy,
+    open_training_checkpoint,
+    set_aside,
+    step_checkpoints,
+)
 from sdtrain.trainer.experiment import ExperimentConfig
-from sdtrain.trainer.module import LatentDiffusionModule, effective_batch_line
+from sdtrain.trainer.module import LatentDiffusionModule, NonFiniteError, effective_batch_line
 from sdtrain.trainer.preemption import PreemptionCallback, check_allocation, in_slurm_step
 from sdtrain.trainer.validation import validation_callbacks
+from sdtrain.utils import files
 
 log = logging.getLogger("sdtrain.trainer")
-CHECKPOINT_RE = re.compile(r"^step=(\d+)\.ckpt$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,6 +57,8 @@ class RunPlan:
 
     dir: Path
     resume_from: Path | None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    """Newer checkpoints ``resume=auto`` passed over, each with the reason."""
 
     @property
     def checkpoints(self) -> Path:
@@ -61,26 +71,39 @@ def run_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.run.root) / (cfg.run.name or cfg.model.name)
 
 
-def step_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """Complete step checkpoints (atomic writes: a final name means a complete file), oldest
-    first."""
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
-    return sorted(found)
-
-
 def prepare_run(cfg: ExperimentConfig) -> RunPlan:
-    """The run folder and the resume point; refuses to write over another run's checkpoints."""
+    """The run folder and the resume point, decided without changing anything on disk.
+
+    Refuses (``ConfigError``, exit 2) to write over another run's checkpoints, to resume from a
+    file that is not a training checkpoint or does not verify, and to resume with a model that
+    differs from the checkpoint's. ``resume=auto`` passes over damaged checkpoints and those
+    taken during a non-finite streak (see ``trainer.checkpoints.choose_resume``).
+    """
     folder = run_dir(cfg)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"the run folder {folder} is a file, not a folder", key="run.dir")
     existing = step_checkpoints(folder / "checkpoints")
     resume = cfg.resume
     if resume == "auto":
-        return RunPlan(folder, existing[-1][1] if existing else None)
+        choice = choose_resume(folder / "checkpoints")
+        if choice.path is not None:
+            check_resume_compatible(choice.config_text or "", to_dict(cfg), choice.path)
+        return RunPlan(folder, choice.path, choice.skipped)
     if resume:
         path = Path(resume)
         if not path.exists():  # a file, or a DeepSpeed checkpoint folder
             raise ConfigError(f"checkpoint {path} does not exist", key="resume")
+        try:
+            text = open_training_checkpoint(path)
+        except NotATrainingCheckpoint as err:
+            raise ConfigError(
+                f"{err}. resume= continues a run from a step=NNNNNNNN.ckpt that sdtrain fit "
+                f"wrote; to start a new run from these weights, pass init_from={path} instead",
+                key="resume",
+            ) from None
+        except CheckpointError as err:
+            raise ConfigError(str(err), key="resume") from None
+        check_resume_compatible(text, to_dict(cfg), path)
         return RunPlan(folder, path)
     if existing:
         raise ConfigError(
@@ -91,69 +114,35 @@ def prepare_run(cfg: ExperimentConfig) -> RunPlan:
     return RunPlan(folder, None)
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoint files
-# ---------------------------------------------------------------------------------------------
+def ready_run_folder(plan: RunPlan) -> list[str]:
+    """Create the run folder, check it is writable, remove temp files of writers that died and
+    set aside the checkpoints ``resume=auto`` passed over; returns lines to print.
 
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes to a temporary file, fsyncs and renames, so a crash mid-save never harms the
-    previous checkpoint; reads with ``weights_only=True`` (no pickled code runs)."""
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
-    ) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with tmp.open("wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def load_checkpoint(
-        self, path: Any, map_location: Any = None, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        try:
-            with torch.serialization.safe_globals(data_only_globals()):
-                return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-        except Exception as err:
-            raise CheckpointError(f"cannot be read as a training checkpoint: {err}", path) from err
-
-
-class StepCheckpoint(Callback):
-    """Saves ``step=NNNNNNNN.ckpt`` every N optimiser steps and at the end; keeps the newest K."""
-
-    def __init__(self, folder: Path, every: int, keep: int) -> None:
-        self.folder = folder
-        self.every = every
-        self.keep = keep
-        self._saved_step = -1
-
-    def save(self, trainer: pl.Trainer) -> None:
-        """Checkpoint the current step (once) and prune old checkpoints."""
-        step = trainer.global_step
-        if step == self._saved_step or step == 0:
-            return
-        trainer.save_checkpoint(self.folder / f"step={step:08d}.ckpt", weights_only=False)
-        self._saved_step = step
-        if trainer.is_global_zero:
-            for _, old in step_checkpoints(self.folder)[: -self.keep]:
-                if old.is_dir():  # DeepSpeed saves a checkpoint as a folder
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    old.unlink(missing_ok=True)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step % self.every == 0:
-            self.save(trainer)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.save(trainer)
+    Every problem here is a ``ConfigError`` (exit 2): nothing has been trained yet.
+    """
+    try:
+        plan.checkpoints.mkdir(parents=True, exist_ok=True)
+        probe = files.write_text(plan.checkpoints / ".sdtrain-write-test", "")
+        probe.unlink()
+    except (OSError, WriteError) as err:
+        reason = err.reason if isinstance(err, WriteError) else files.describe_os_error(err)
+        raise ConfigError(
+            f"cannot write in the run folder {plan.dir}: {reason}; "
+            "choose another run.dir (or fix the folder's permissions / mount)",
+            key="run.dir",
+        ) from None
+    lines = []
+    removed = [*files.remove_stale_temp_files(plan.checkpoints)]
+    removed += files.remove_stale_temp_files(plan.dir)
+    if removed:
+        lines.append(f"removed {len(removed)} temp file(s) left by writers that died")
+    lines += [f"skipped {path.name}: {reason}" for path, reason in plan.skipped]
+    newer = [path for path, _ in plan.skipped]
+    if newer:
+        moved = set_aside(newer, plan.checkpoints)
+        if moved:
+            lines.append(f"moved the skipped checkpoint(s) to {moved[0].parent}")
+    return lines
 
 
 class ThroughputMonitor(Callback):
@@ -307,21 +296,44 @@ def fit(cfg: ExperimentConfig, callbacks: Sequence[Callback] = ()) -> Path:
     # Outside SLURM, Lightning warns whenever an `srun` binary exists on the machine.
     warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
     check_allocation(cfg.trainer.devices, cfg.trainer.num_nodes)
+    from sdtrain.data.pipeline import check_shards
+
+    check_shards(cfg.data, cfg.trainer.num_nodes * cfg.trainer.devices)
     plan = prepare_run(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    plan.dir.mkdir(parents=True, exist_ok=True)
+    # Only one process tidies the folder; under srun every rank runs this function.
+    notes = ready_run_folder(plan) if _launch_rank() == 0 else []
     module = build_module(cfg)
     trainer = build_trainer(cfg, plan, callbacks)
     if trainer.is_global_zero:
-        (plan.dir / "config.yaml").write_text(to_yaml(cfg))
+        files.write_text(plan.dir / "config.yaml", to_yaml(cfg))
         print(f"sdtrain fit: {cfg.model.name} -> {plan.dir}")
         print(f"  {effective_batch_line(module)}")
+        for line in notes:
+            print(f"  {line}")
         print(f"  resume from: {plan.resume_from or 'nothing (fresh start)'}")
     try:
         trainer.fit(module, ckpt_path=str(plan.resume_from) if plan.resume_from else None)
+    except NonFiniteError as err:
+        kept = newest_healthy(plan.checkpoints)
+        where = (
+            f"The newest checkpoint from before these steps, {kept.name}, is kept; resume=auto "
+            "continues from it (lower optim.lr first)."
+            if kept is not None
+            else "No checkpoint from before these steps exists."
+        )
+        raise NonFiniteError(f"{err} {where}") from None
     finally:
         finish_loggers(trainer)
     return plan.dir
+
+
+def _launch_rank() -> int:
+    """This process's global rank as the launcher set it (0 outside distributed launches)."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) + int(os.environ.get("NODE_RANK", "0") or 0)
 
 
 def finish_loggers(trainer: pl.Trainer) -> None:
@@ -340,8 +352,8 @@ def finish_loggers(trainer: pl.Trainer) -> None:
 def dry_run(cfg: ExperimentConfig) -> str:
     """Build everything without training: models on the meta device, the data pipeline opened
     (shards listed, split checked, first sample read), the strategy resolved. Returns the plan."""
-    from sdtrain.data.pipeline import ShardPlan
-    from sdtrain.data.shards import expand_shards, iter_samples
+    from sdtrain.data.pipeline import check_shards
+    from sdtrain.data.shards import iter_samples
     from sdtrain.models.stable_diffusion import build_stable_diffusion
 
     plan = prepare_run(cfg)
@@ -365,15 +377,17 @@ def dry_run(cfg: ExperimentConfig) -> str:
         f"{cfg.checkpoint.keep_last} kept, in {plan.checkpoints}",
     ]
     if cfg.data.shards:
-        urls = expand_shards(cfg.data.shards)
-        shard_plan = ShardPlan(urls, cfg.data, 0, t.num_nodes * t.devices, cfg.data.num_workers)
+        shard_plan = check_shards(cfg.data, t.num_nodes * t.devices)
+        urls = shard_plan.urls
         first = next(iter_samples(urls[shard_plan.worker_shards(0, 0)[0]]), None)
         members = sorted(first.members) if first else []
         lines.append(
             f"  data: {len(urls):,} shard(s) for {t.num_nodes * t.devices} rank(s) x "
-            f"{max(cfg.data.num_workers, 1)} worker(s); first sample {first.key if first else '-'} "
+            f"{shard_plan.workers} worker(s); first sample {first.key if first else '-'} "
             f"with members {members}; {cfg.data.image.height}x{cfg.data.image.out_width} px"
         )
+        if note := shard_plan.reduction_note():
+            lines.append(f"  data: {note}")
     else:
         lines.append("  data: no shards configured (set data.shards)")
     return "\n".join(lines)

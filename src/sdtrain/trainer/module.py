@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from sdtrain.config.loader import to_yaml
 from sdtrain.data.pipeline import LOADER_STATE_KEY, LaionLoader
-from sdtrain.data.transforms import masked_images, to_model_images
+from sdtrain.data.transforms import to_model_images
 from sdtrain.diffusion.loss import diffusion_loss, sample_noise
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.ema import EMA
@@ -25,6 +25,7 @@ from sdtrain.trainer.experiment import ExperimentConfig
 
 log = logging.getLogger("sdtrain.trainer")
 UNET_PREFIX = "model.unet."
+MAX_NONFINITE_LISTED = 1000
 
 
 def step_generator(
@@ -36,7 +37,8 @@ def step_generator(
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite steps: the run stops, the last good checkpoint stays."""
+    """Too many consecutive non-finite steps: the run stops; the newest checkpoint taken before
+    the streak is never rotated away and is where ``resume=auto`` continues."""
 
 
 class LatentDiffusionModule(pl.LightningModule):
@@ -53,6 +55,8 @@ class LatentDiffusionModule(pl.LightningModule):
         self._step_skipped = False
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self.nonfinite_steps: list[int] = []
+        """The steps skipped as non-finite (the most recent ones), saved in every checkpoint."""
 
     # --- data -------------------------------------------------------------------------------
 
@@ -124,24 +128,15 @@ class LatentDiffusionModule(pl.LightningModule):
         captions = ["" if d else c for d, c in zip(drop.tolist(), batch["caption"], strict=True)]
         with torch.no_grad():
             context = model.text_encoder.encode(captions)  # (B, 77, D)
-        cond = None
-        if cfg.model.conditioning == "inpainting":
-            mask = batch["mask"].to(self.device)
-            masked = model.encode_images(masked_images(images, mask), generator=g)
-            cond = model.conditioning_channels(
-                latents.shape[-2:], mask=mask, masked_image_latents=masked
-            )
-        elif cfg.model.conditioning == "depth":
-            cond = model.conditioning_channels(
-                latents.shape[-2:], depth=batch["depth"].to(self.device)
-            )
+        # Mask / depth channels (inpainting: a posterior sample, drawn here, after the latents').
+        cond = model.conditioning.from_batch(model, batch, images, latents, g)
         t = torch.randint(0, model.schedule.num_timesteps, (b,), generator=g, device=self.device)
         noise = sample_noise(latents, cfg.model.diffusion.offset_noise, g)
         noisy = model.schedule.q_sample(latents, t, noise)
-        unet_in = model.unet_input(noisy, cond)
+        unet_in = cond.unet_input(noisy)
         if cfg.trainer.channels_last:
             unet_in = unet_in.contiguous(memory_format=torch.channels_last)
-        prediction = model.unet(unet_in, t, context)
+        prediction = model.unet(unet_in, t, context, **cond.kwargs)
         return diffusion_loss(
             model.schedule, prediction, model.schedule.target(latents, t, noise), t
         )
@@ -174,13 +169,18 @@ class LatentDiffusionModule(pl.LightningModule):
     def _count_nonfinite(self, what: str) -> None:
         self.nonfinite_in_a_row += 1
         self.nonfinite_total += 1
+        self.nonfinite_steps = [
+            *self.nonfinite_steps[-(MAX_NONFINITE_LISTED - 1) :],
+            self.global_step,
+        ]
         log.warning("step %d: non-finite %s, step skipped", self.global_step, what)
         limit = self.cfg.trainer.max_nonfinite_steps
         if self.nonfinite_in_a_row >= limit:
+            first = self.nonfinite_steps[-min(self.nonfinite_in_a_row, len(self.nonfinite_steps))]
             raise NonFiniteError(
-                f"{self.nonfinite_in_a_row} consecutive steps had a non-finite {what} "
-                f"(trainer.max_nonfinite_steps={limit}); stopping. The last good checkpoint is "
-                "kept; lower the learning rate, use bf16 instead of fp16, or check the data."
+                f"{self.nonfinite_in_a_row} consecutive steps had a non-finite {what} (steps "
+                f"{first}-{self.global_step}, trainer.max_nonfinite_steps={limit}); stopping. "
+                "Lower the learning rate, use bf16 instead of fp16, or check the data."
             )
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -194,6 +194,11 @@ class LatentDiffusionModule(pl.LightningModule):
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "data": gather_data_states(self.data_states.get(self.global_rank)),
             "nonfinite_total": self.nonfinite_total,
+            "nonfinite": {
+                "in_a_row": self.nonfinite_in_a_row,
+                "total": self.nonfinite_total,
+                "steps": list(self.nonfinite_steps),
+            },
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -201,6 +206,9 @@ class LatentDiffusionModule(pl.LightningModule):
         if self.ema is not None and extra.get("ema") is not None:
             self.ema.load_state_dict(extra["ema"])
         self.nonfinite_total = int(extra.get("nonfinite_total", 0))
+        record = extra.get("nonfinite") or {}
+        self.nonfinite_in_a_row = int(record.get("in_a_row", 0))
+        self.nonfinite_steps = [int(step) for step in record.get("steps", [])]
         states = extra.get("data") or []
         self.data_states = {rank: s for rank, s in enumerate(states) if s is not None}
 

@@ -37,7 +37,6 @@ import contextlib
 import dataclasses
 import logging
 import random
-import textwrap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from itertools import pairwise
@@ -49,7 +48,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor
@@ -60,15 +59,20 @@ from sdtrain.data.pipeline import LaionLoader
 from sdtrain.data.transforms import masked_images, to_model_images
 from sdtrain.diffusion.loss import diffusion_loss, sample_noise
 from sdtrain.diffusion.samplers import cfg_denoiser, sample
-from sdtrain.launch.smoke import draw_test_scene
-from sdtrain.launch.smoke import to_tensor as scene_tensor
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.experiment import ExperimentConfig
 from sdtrain.trainer.module import LatentDiffusionModule
+from sdtrain.utils.images import (
+    caption_text,
+    captioned_grid,
+    column_strips,
+    draw_test_scene,
+    make_grid,
+    to_uint8,
+)
+from sdtrain.utils.images import to_tensor as scene_tensor
 
 log = logging.getLogger("sdtrain.trainer")
-CAPTION_LINES = 3
-CAPTION_LINE_HEIGHT = 12
 
 
 def validation_callbacks(cfg: ExperimentConfig, run_dir: Path) -> list[Callback]:
@@ -240,50 +244,12 @@ def sample_images(
     return torch.cat(out)
 
 
-def to_uint8(images: Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] (C = 1 or 3) -> (N, H, W, 3) uint8."""
-    images = images.detach().float().cpu().clamp(-1, 1)
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    return ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def grid_rows(inputs: SampleInputs, results: Tensor, conditioning: str) -> list[np.ndarray]:
     """The grid's rows, each (P, S, S, 3) uint8: [result] or [input, mask / depth, result]."""
     if inputs.images is None or inputs.hint is None:
         return [to_uint8(results)]
     hint = inputs.hint * 2 - 1 if conditioning == "inpainting" else inputs.hint
     return [to_uint8(inputs.images), to_uint8(hint), to_uint8(results)]
-
-
-def make_grid(rows: list[np.ndarray]) -> np.ndarray:
-    """Rows of cells (N, S, S, 3) -> one (rows x S, N x S, 3) image, no padding."""
-    return np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
-
-
-def column_strips(rows: list[np.ndarray]) -> list[np.ndarray]:
-    """Each column of the grid as one (rows x S, S, 3) image."""
-    return [np.concatenate([row[j] for row in rows], axis=0) for j in range(len(rows[0]))]
-
-
-def caption_text(prompt: str) -> str:
-    return prompt if prompt else "(empty prompt)"
-
-
-def captioned_grid(grid: np.ndarray, prompts: list[str], cell: int) -> Image.Image:
-    """The grid with each column's prompt written below it (wrapped, at most a few lines)."""
-    strip = CAPTION_LINES * CAPTION_LINE_HEIGHT + 4
-    canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + strip), "white")
-    canvas.paste(Image.fromarray(grid), (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    chars = max(cell // 6, 4)  # the default bitmap font is about 6 px per character
-    for j, prompt in enumerate(prompts):
-        lines = textwrap.wrap(caption_text(prompt), chars)[:CAPTION_LINES]
-        for k, line in enumerate(lines):
-            xy = (j * cell + 2, grid.shape[0] + 2 + k * CAPTION_LINE_HEIGHT)
-            draw.text(xy, line, fill="black", font=font)
-    return canvas
 
 
 # ---------------------------------------------------------------------------------------------

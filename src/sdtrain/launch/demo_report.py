@@ -1,0 +1,330 @@
+"""The demo's figures and report: the prompts and inpainting cases it samples, the scene metrics
+that score them (dominant colour by hue, change inside / outside a mask), the overview picture,
+``report.md`` and the result record behind ``demo.json``. ``launch/demo.py`` runs the stages;
+tests/test_demo.py checks these metrics on drawn scenes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from sdtrain.config.resolve import configs_dir
+from sdtrain.utils.images import image_grid, save_png, to_image
+
+COLOURS = ("red", "green", "blue", "yellow")
+GRID_TEMPLATES = (
+    "a large {c} circle in the middle on a white background",
+    "a large {c} square on the left on a white background",
+    "a large {c} triangle on the right on a white background",
+    "a small {c} square at the top on a white background",
+    "a {c} circle above a {o} square on a white background",
+)
+"""Columns of the prompt grid (rows: the colours); the first four name one colour."""
+MIN_CHROMA = 60
+"""A pixel counts as coloured when its largest and smallest RGB values differ by this much."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and inpainting cases
+# ---------------------------------------------------------------------------------------------
+
+
+def grid_prompts() -> list[str]:
+    """Row by row: one row per colour, one column per template."""
+    return [
+        template.format(c=c, o=COLOURS[(i + 2) % len(COLOURS)])
+        for i, c in enumerate(COLOURS)
+        for template in GRID_TEMPLATES
+    ]
+
+
+@dataclass(frozen=True)
+class InpaintCase:
+    """An input scene, a box to repaint (fractions: left, top, right, bottom), a prompt and the
+    colour the prompt puts into the box (None: the box should become background)."""
+
+    scene: str
+    box: tuple[float, float, float, float]
+    prompt: str
+    paints: str | None
+
+
+INPAINT_CASES = (
+    InpaintCase("blue:square:0.73:0.5:0.16", (0.0, 0.0, 0.5, 1.0),
+                "a red circle to the left of a blue square on a white background", "red"),
+    InpaintCase("green:triangle:0.5:0.5:0.24", (0.15, 0.15, 0.85, 0.85),
+                "a large yellow circle in the middle on a white background", "yellow"),
+    InpaintCase("blue:square:0.5:0.27:0.16|yellow:circle:0.5:0.73:0.16", (0.0, 0.0, 1.0, 0.5),
+                "a large yellow circle at the bottom on a white background", None),
+    InpaintCase("red:circle:0.27:0.5:0.16", (0.5, 0.0, 1.0, 1.0),
+                "a red circle to the left of a green triangle on a white background", "green"),
+)  # fmt: skip
+
+
+def masked_colour(image: np.ndarray, mask: np.ndarray) -> str | None:
+    """``dominant_colour`` of the repainted region only (mask: (H, W) bool, True = repainted)."""
+    region = image.copy()
+    region[~mask] = 255
+    return dominant_colour(region)
+
+
+def case_inputs(case: InpaintCase, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, S, S) image in [-1, 1] and (1, 1, S, S) mask (1 = repaint) for a case."""
+    from sdtrain.data.synthetic import Scene, SceneShape, draw_scene
+
+    shapes = []
+    for part in case.scene.split("|"):
+        colour, kind, x, y, r = part.split(":")
+        shapes.append(SceneShape(colour, kind, float(x), float(y), float(r)))
+    image = np.asarray(draw_scene(Scene(tuple(shapes), ""), size), dtype=np.float32)
+    mask = torch.zeros(1, 1, size, size)
+    left, top, right, bottom = (round(v * size) for v in case.box)
+    mask[..., top:bottom, left:right] = 1.0
+    return torch.from_numpy(image).permute(2, 0, 1)[None] / 127.5 - 1.0, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Scene metrics (the report's quality figures)
+# ---------------------------------------------------------------------------------------------
+
+
+def hue(rgb: np.ndarray) -> np.ndarray:
+    """Hue in degrees of (..., 3) RGB values; blending a colour with white keeps its hue."""
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    high, low = rgb.max(axis=-1).astype(np.float64), rgb.min(axis=-1).astype(np.float64)
+    chroma = np.maximum(high - low, 1e-9)
+    h = np.where(high == r, (g - b) / chroma % 6, np.where(high == g, (b - r) / chroma + 2,
+                 (r - g) / chroma + 4))  # fmt: skip
+    return h * 60.0
+
+
+def dominant_colour(image: np.ndarray, min_pixels: int = 4) -> str | None:
+    """The palette colour whose hue most coloured pixels (chroma >= ``MIN_CHROMA``) are nearest
+    to, for an (H, W, 3) uint8 image; None when fewer than ``min_pixels`` are coloured.
+
+    Hue rather than RGB distance: the anti-aliased edge of a blue shape on white is a pale blue
+    that is nearer in RGB to purple, but has blue's hue."""
+    from sdtrain.data.synthetic import SCENE_COLOURS
+
+    pixels = image.reshape(-1, 3)
+    coloured = pixels[np.ptp(pixels, axis=1) >= MIN_CHROMA]
+    if len(coloured) < min_pixels:
+        return None
+    names = list(SCENE_COLOURS)
+    palette = hue(np.array([SCENE_COLOURS[n] for n in names]))  # (K,)
+    gap = np.abs(hue(coloured)[:, None] - palette[None])  # (N, K)
+    nearest = np.minimum(gap, 360.0 - gap).argmin(axis=1)
+    return names[int(np.bincount(nearest, minlength=len(names)).argmax())]
+
+
+def region_differences(
+    before: np.ndarray, after: np.ndarray, mask: np.ndarray
+) -> tuple[float, float]:
+    """Mean absolute difference (0-255) inside and outside ``mask`` (H, W, bool = repainted)."""
+    diff = np.abs(before.astype(np.float64) - after.astype(np.float64)).mean(axis=-1)
+    return float(diff[mask].mean()), float(diff[~mask].mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+# ---------------------------------------------------------------------------------------------
+
+
+def save_grid(images: torch.Tensor, cols: int, path: Path, zoom: int = 3) -> Path:
+    """(B, 3, H, W) in [-1, 1] -> a PNG grid, each image enlarged ``zoom`` x (nearest)."""
+    return save_png(to_image(image_grid(images.cpu(), cols=cols)), path, zoom)
+
+
+def overview_image(prompt_grid: Path, inpainting_grid: Path, path: Path) -> Path:
+    """One labelled picture of the results: the base model's prompt grid (rows: colours) beside
+    the inpainting grid (input, mask, result)."""
+    font = ImageFont.load_default()
+    with Image.open(prompt_grid) as a, Image.open(inpainting_grid) as b:
+        left, right = a.convert("RGB"), b.convert("RGB")
+    label, gap, head = 56, 24, 34
+    width = label + left.width + gap + right.width
+    canvas = Image.new("RGB", (width, head + max(left.height, right.height)), "white")
+    canvas.paste(left, (label, head))
+    canvas.paste(right, (label + left.width + gap, head))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((label, 4), "text-to-image (base, eps): one prompt per cell", fill="black", font=font)
+    draw.text((label, 17), "rows: " + ", ".join(COLOURS) + " in the prompt", fill="black",
+              font=font)  # fmt: skip
+    draw.text((label + left.width + gap, 4), "inpainting:", fill="black", font=font)
+    draw.text((label + left.width + gap, 17), "input, mask, result", fill="black", font=font)
+    cell = left.height // len(COLOURS)
+    for i, colour in enumerate(COLOURS):
+        draw.text((4, head + i * cell + cell // 2 - 6), colour, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, format="PNG", optimize=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Training curves
+# ---------------------------------------------------------------------------------------------
+
+
+def read_metrics(run: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of ``key`` over every CSV log version of a run (a resumed run has two)."""
+    import csv
+
+    points: dict[int, float] = {}
+    for path in sorted((run / "logs").glob("version_*/metrics.csv")):
+        with path.open() as handle:
+            for row in csv.DictReader(handle):
+                if row.get(key):
+                    points[int(row["step"])] = float(row[key])
+    return sorted(points.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# The result and the report
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageResult:
+    name: str
+    objective: str
+    steps: int
+    run_dir: Path
+    init_from: Path | None
+    seconds: float
+    export: Path | None = None
+
+
+@dataclass
+class DemoResult:
+    """Where everything is, and the figures the report shows."""
+
+    out: Path
+    quick: bool
+    seed: int
+    samples: int = 0
+    shards: list[Path] = field(default_factory=list)
+    filter_stats: dict[str, Any] = field(default_factory=dict)
+    scale_factor: float = 1.0
+    stages: list[StageResult] = field(default_factory=list)
+    resume: dict[str, Any] = field(default_factory=dict)
+    exports: dict[str, Path] = field(default_factory=dict)
+    grids: dict[str, Path] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
+    report: Path | None = None
+    loss_plot: Path | None = None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), default=str))
+
+    def summary(self) -> str:
+        q = self.quality
+        lines = [
+            f"sdtrain demo: done in {self.seconds / 60:.1f} min -> {self.out}",
+            f"  report:       {self.report}",
+            f"  loss curves:  {self.loss_plot}",
+            *(f"  grid {k + ':':<11} {v}" for k, v in self.grids.items()),
+            *(f"  checkpoint {k + ':':<11} {v}" for k, v in self.exports.items()),
+            f"  colour accuracy (base): {q.get('colour accuracy (base)')}, "
+            f"(v): {q.get('colour accuracy (v)')}",
+            f"  inpainting: masked region changed by {q.get('inpainting: masked mean abs diff')}, "
+            f"the rest by {q.get('inpainting: unmasked mean abs diff')} (0-255)",
+            f"  logs: {self.out}/<stage>/logs/version_*/metrics.csv and <stage>/wandb/ (offline; "
+            "`wandb sync` uploads them)",
+        ]
+        return "\n".join(lines)
+
+
+def write_report(result: DemoResult) -> Path:
+    """``report.md`` in the run folder: filter stats, training, loss curves, grids, figures."""
+    out = result.out
+    rel = lambda p: Path(p).relative_to(out).as_posix()  # noqa: E731
+    stats = result.filter_stats
+    lines = [
+        "# sdtrain demo",
+        "",
+        f"{'Quick' if result.quick else 'Full'} demo, seed {result.seed}, "
+        f"{result.seconds / 60:.1f} minutes on {torch.get_num_threads()} CPU thread(s).",
+        "",
+        "## Data and filters",
+        "",
+        f"{result.samples} generated scenes in {len(result.shards)} img2dataset-style shards "
+        f"(`{rel(out / 'shards')}/`), filtered by the default LAION recipe (aesthetic >= 5, "
+        "pwatermark < 0.5, punsafe < 0.1) and the size filter (>= 64 px):",
+        "",
+        "| | samples |",
+        "|---|---:|",
+        f"| seen | {stats['seen']} |",
+        f"| kept | {stats['kept']} |",
+        *(f"| rejected: {k} | {v} |" for k, v in stats["rejected"].items()),
+        *(f"| error: {k} | {v} |" for k, v in stats["errors"].items()),
+        "",
+        "## Training",
+        "",
+        "| stage | objective | steps | initialised from | seconds | run folder |",
+        "|---|---|---:|---|---:|---|",
+    ]
+    for stage in result.stages:
+        init = rel(stage.init_from) if stage.init_from else "random"
+        lines.append(
+            f"| {stage.name} | {stage.objective} | {stage.steps} | `{init}` | "
+            f"{stage.seconds:.0f} | `{rel(stage.run_dir)}/` |"
+        )
+    resume = result.resume
+    lines += [
+        "",
+        f"The base run was interrupted on purpose (SIGUSR1 after step {resume['signal_step']}: "
+        f"checkpoint `{resume['checkpoint']}`, stop) and continued with `resume=auto` to step "
+        f"{resume['final_step']}.",
+        "",
+        "![loss curves](loss-curves.png)",
+        "",
+        "## Samples (DDIM, classifier-free guidance)",
+        "",
+        f"Prompt grid of the base model (`{rel(result.grids['base'])}`): rows "
+        f"{', '.join(COLOURS)}; columns:",
+        "",
+        *(
+            f"{i + 1}. {t.format(c='<colour>', o='<other colour>')}"
+            for i, t in enumerate(GRID_TEMPLATES)
+        ),
+        "",
+        f"![base prompt grid]({rel(result.grids['base'])})",
+        "",
+        f"v-objective model, same prompts: ![v prompt grid]({rel(result.grids['v'])})",
+        "",
+        "Inpainting (columns: input, mask, result), sampled with the unmasked latents held to "
+        "the input's (`sdtrain sample --keep-unmasked`, the original `DDIMSampler`'s `mask` / "
+        "`x0`); the model alone, without that hold, keeps little of the input after the demo's "
+        "few steps (the last quality figure):",
+        "",
+        f"![inpainting grid]({rel(result.grids['inpainting'])})",
+        "",
+        *(f"- {c.prompt}" for c in INPAINT_CASES),
+        "",
+        "## Quality figures",
+        "",
+        "| figure | value |",
+        "|---|---:|",
+        *(f"| {k} | {v} |" for k, v in result.quality.items()),
+        "",
+        "## Exported checkpoints (original layout)",
+        "",
+        *(f"- `{rel(p)}`" for p in result.exports.values()),
+        "",
+        "Sample from one: `sdtrain sample --checkpoint "
+        f"{result.exports['base']} --config {configs_dir('demo') / 'base.yaml'} "
+        f"model.autoencoder.scale_factor={result.scale_factor:.6g} --size 32 "
+        '--prompt "a large red circle on the left on a white background" --out red.png`',
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
