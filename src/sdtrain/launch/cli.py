@@ -134,14 +134,18 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint_inspect(args: argparse.Namespace) -> int:
-    from sdtrain.models.checkpoint import read_checkpoint, summarize
+    from sdtrain.models.adapters.original import read_checkpoint, summarize
 
     print(summarize(read_checkpoint(args.path)))
     return EXIT_OK
 
 
 def cmd_checkpoint_convert(args: argparse.Namespace) -> int:
-    from sdtrain.models.checkpoint import read_checkpoint, widen_input_channels, write_checkpoint
+    from sdtrain.models.adapters.original import (
+        read_checkpoint,
+        widen_input_channels,
+        write_checkpoint,
+    )
 
     ckpt = read_checkpoint(args.src)
     if not ckpt.unet:
@@ -407,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     from sdtrain.data.shards import DataError
-    from sdtrain.models.checkpoint import CheckpointError
+    from sdtrain.errors import CheckpointError, WriteError
     from sdtrain.trainer.module import NonFiniteError
 
     parser = build_parser()
@@ -417,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"sdtrain: config error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except WriteError as err:
+        print(f"sdtrain: cannot write: {err}", file=sys.stderr)
+        return EXIT_FAILURE
     except CheckpointError as err:
         print(f"sdtrain: checkpoint error: {err}", file=sys.stderr)
         return EXIT_FAILURE

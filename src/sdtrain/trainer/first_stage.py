@@ -33,8 +33,8 @@ from sdtrain.config.loader import to_yaml
 from sdtrain.data.pipeline import LaionLoader
 from sdtrain.data.transforms import masked_images, to_model_images
 from sdtrain.errors import ConfigError
+from sdtrain.models.adapters.original import read_checkpoint, write_checkpoint
 from sdtrain.models.autoencoder import AutoencoderKL
-from sdtrain.models.checkpoint import read_checkpoint, write_checkpoint
 from sdtrain.models.text_encoders import FrozenTextEncoder, TextStateDictError
 from sdtrain.trainer.experiment import ExperimentConfig
 from sdtrain.trainer.module import step_generator
