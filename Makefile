@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (see README):
 #   make demo   builds .venv and runs the main job (DEMO_ARGS=--quick: the 3-minute version)
-#   make test   builds .venv and runs lint + format check + the whole test suite
+#   make test   builds .venv and runs lint + format check + import layers + the whole test suite
 # torch is installed first so DeepSpeed (an sdist that builds against the installed torch) can
 # be installed without build isolation instead of downloading a second torch into a build env.
 
@@ -26,6 +26,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -1,6 +1,7 @@
 """Diffusion maths: the noise schedule, eps / v parameterisations, loss weighting, samplers.
 
 No Lightning imports here: everything is plain torch and can be used from any trainer or script.
+A component: imports only the ground floor (config, utils, errors), never ``data`` or above.
 """
 
 from sdtrain.diffusion.loss import diffusion_loss, min_snr_weights, sample_noise

@@ -1,4 +1,8 @@
-"""Models key-for-key compatible with the original Stable Diffusion checkpoints.
+"""Models key-for-key compatible with the original Stable Diffusion checkpoints: UNet,
+autoencoder, text encoders, ``ModelConfig`` (``config.py``), the conditioning registry
+(``conditioning.py``), the one ``sample_images`` (``sampling.py``) and the state-dict adapters of
+external weight layouts (``adapters/original.py``). A component above ``data`` and ``diffusion``
+(it may use both); never imports ``trainer`` or ``launch``.
 
 Public API relied on by outside checks: ``build_unet(params)`` and
 ``build_autoencoder(ddconfig, embed_dim)``, both taking the original config names.
