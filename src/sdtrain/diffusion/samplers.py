@@ -17,7 +17,7 @@ latent at the first training step, whose residual noise (std ~0.03 for SD) the V
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -36,11 +36,12 @@ class Denoiser(Protocol):
     """The UNet as the samplers see it: ``(x_t, t, cond) -> model_output``.
 
     ``x_t`` is (B, C, H, W) and already carries any concatenated channels (inpainting mask and
-    masked image, depth), ``t`` is (B,) long, ``cond`` the cross-attention context (B, L, D).
+    masked image, depth), ``t`` is (B,) long, ``cond`` the cross-attention context (B, L, D);
+    ``kwargs`` are further per-sample inputs of the mode (an upscaler's noise level ``y``).
     The output is in the schedule's parameterisation (eps or v), shaped like the latent.
     """
 
-    def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor: ...
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor, **kwargs: Tensor) -> Tensor: ...
 
 
 # --- discretisation ---------------------------------------------------------------------------
@@ -72,12 +73,17 @@ def cfg_denoiser(
     scale: float,
     *,
     extra: Tensor | None = None,
+    kwargs: Mapping[str, Tensor] | None = None,
+    uncond_extra: Tensor | None = None,
+    uncond_kwargs: Mapping[str, Tensor] | None = None,
 ) -> BoundModel:
     """Bind ``model`` to its conditioning, with classifier-free guidance of strength ``scale``.
 
     The returned ``guided(x_t, t)`` concatenates ``extra`` (B, C', H, W) to ``x_t`` along channels
-    when given (inpainting / depth inputs: the same for both halves), then runs ONE forward over
-    ``cat([x, x])`` with contexts ``cat([uncond, cond])`` and returns
+    when given (inpainting / depth inputs) and passes ``kwargs`` (batch-first tensors, e.g. an
+    upscaler's noise level ``y``) to the model; the unconditional half sees ``uncond_extra`` and
+    ``uncond_kwargs`` instead where given, else the same. It runs ONE forward over
+    ``cat([x_uncond, x_cond])`` with contexts ``cat([uncond, cond])`` and returns
     ``out_uncond + scale * (out_cond - out_uncond)`` in the model-output space (eps or v).
     With ``scale == 1`` it runs a single conditional forward and ``uncond`` may be None.
     """
@@ -85,16 +91,21 @@ def cfg_denoiser(
         raise ValueError("classifier-free guidance with scale != 1 needs an unconditional context")
     if uncond is not None and uncond.shape != cond.shape:
         raise ValueError(f"uncond {tuple(uncond.shape)} and cond {tuple(cond.shape)} differ")
+    kwargs = dict(kwargs or {})
+    uncond_kwargs = {**kwargs, **(uncond_kwargs or {})}
 
     def guided(x_t: Tensor, t: Tensor) -> Tensor:
         x_in = x_t if extra is None else torch.cat([x_t, extra], dim=1)  # (B, C + C', H, W)
         if scale == 1.0:
-            return model(x_in, t, cond)
+            return model(x_in, t, cond, **kwargs)
         assert uncond is not None
+        x_un = x_in if uncond_extra is None else torch.cat([x_t, uncond_extra], dim=1)
+        both = {k: torch.cat([uncond_kwargs[k], v]) for k, v in kwargs.items()}
         out = model(
-            torch.cat([x_in, x_in]),  # (2B, C + C', H, W)
+            torch.cat([x_un, x_in]),  # (2B, C + C', H, W)
             torch.cat([t, t]),  # (2B,)
             torch.cat([uncond, cond]),  # (2B, L, D)
+            **both,
         )
         out_uncond, out_cond = out.chunk(2)  # (B, C, H, W) each
         return out_uncond + scale * (out_cond - out_uncond)

@@ -9,9 +9,14 @@ Where the weights come from:
   what it is (``--config configs/models/sd15-inpainting.yaml``); a ``model_ema.*`` copy, when the
   file has one, is used unless ``use_ema=False``.
 
-Inpainting follows the original ``scripts/inpaint``: the mask is binarised at 0.5 (white = repaint),
-the masked image ``image * (mask < 0.5)`` in [-1, 1] is encoded to its posterior mode, and the mask
-resized nearest to latent size plus those latents are the extra UNet channels. The picture written
+The sampling itself is ``sdtrain.models.sampling.sample_images`` (re-exported here), the one
+that validation grids use too; this module opens the weights, reads the pictures, checks the
+options and writes the PNG.
+
+Inpainting (``models.conditioning.Inpainting``) follows the original ``scripts/inpaint``: the
+mask is binarised at 0.5 (white = repaint), the masked image ``image * (mask < 0.5)`` in [-1, 1]
+is encoded to its posterior mode, and the mask resized nearest to latent size plus those latents
+are the extra UNet channels. The picture written
 is the decoded sample as a whole: the unmasked region is the model's (and the autoencoder's)
 reconstruction of the input, not the input pasted back. ``keep_unmasked`` (``--keep-unmasked``)
 also holds the latents of the fully unmasked latent cells to the input's during sampling, as the
@@ -25,20 +30,19 @@ when ``eta > 0``) comes from one generator seeded with it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 
-from sdtrain.data.transforms import masked_images
-from sdtrain.diffusion.samplers import KnownRegion, SamplerName, cfg_denoiser, sample
+from sdtrain.diffusion.samplers import SamplerName
 from sdtrain.diffusion.schedule import NoiseSchedule
-from sdtrain.errors import ConfigError
+from sdtrain.errors import CheckpointError, ConfigError
 from sdtrain.launch.export import (
     NotATrainingCheckpoint,
     TrainingCheckpoint,
@@ -46,15 +50,14 @@ from sdtrain.launch.export import (
     read_training_checkpoint,
     rebuild_model,
 )
-from sdtrain.models.checkpoint import (
-    CheckpointError,
-    OriginalCheckpoint,
-    PathLike,
-    read_checkpoint,
-)
+from sdtrain.models.adapters.original import OriginalCheckpoint, read_checkpoint
+from sdtrain.models.conditioning import conditioning_component
 from sdtrain.models.config import ModelConfig
+from sdtrain.models.sampling import check_size, sample_images
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.experiment import ExperimentConfig
+from sdtrain.utils import files
+from sdtrain.utils.files import PathLike
 from sdtrain.utils.images import image_grid, to_image, to_tensor
 
 # ---------------------------------------------------------------------------------------------
@@ -143,20 +146,57 @@ def _model_from_original(
 # ---------------------------------------------------------------------------------------------
 
 
-def check_inputs(cfg: ModelConfig, has_image: bool, has_mask: bool, size: int) -> None:
-    """Usage errors before any heavy work: inputs the model needs or cannot use, the size."""
-    if cfg.conditioning == "inpainting" and not (has_image and has_mask):
+# The sampling inputs the command line gives (``ConditioningInputs`` fields), by flag.
+CLI_INPUTS = {"image": "--image", "mask": "--mask"}
+CLI_HINTS = {"mask": " (white = repaint)"}
+
+
+def check_options(
+    *, steps: int, scale: float, eta: float, sampler: str, n: int, seed: int | None,
+    size: int | None,
+) -> None:  # fmt: skip
+    """The ranges of the numeric options, before anything is read: a ConfigError naming one."""
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ConfigError(f"--scale must be a finite number >= 0, got {scale}")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ConfigError(f"--eta must be a finite number >= 0, got {eta}")
+    if sampler == "plms" and eta != 0:
+        raise ConfigError(f"--eta must be 0 with --sampler plms (it is deterministic), got {eta}")
+    if n < 1:
+        raise ConfigError(f"--n must be >= 1, got {n}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ConfigError(f"--seed must be in [0, 2**64), got {seed}")
+    if size is not None and size <= 0:
+        raise ConfigError(f"--size must be > 0, got {size}")
+
+
+def check_inputs(
+    cfg: ModelConfig, has_image: bool, has_mask: bool, size: int, steps: int | None = None
+) -> None:
+    """Usage errors once the model is known, before any heavy work: inputs the model needs or
+    cannot use, the size, the number of steps."""
+    component = conditioning_component(cfg.conditioning)
+    what = f"{cfg.name} is {component.article()} {component.description} model"
+    given = {name for name, present in (("image", has_image), ("mask", has_mask)) if present}
+    needs = set(component.sample_inputs)
+    if needs - CLI_INPUTS.keys():
+        raise ConfigError(f"{what}: sampling {component.description} models is not supported")
+    missing = [name for name in component.sample_inputs if name not in given]
+    if missing:
+        flags = " and ".join(CLI_INPUTS[name] + CLI_HINTS.get(name, "") for name in missing)
+        raise ConfigError(f"{what}: pass {flags}")
+    unused = [name for name in CLI_INPUTS if name in given - needs - {*component.optional_inputs}]
+    if unused:
+        flags = "/".join(CLI_INPUTS[name] for name in unused)
+        raise ConfigError(f"{what}: {flags} {'are' if len(unused) > 1 else 'is'} not used")
+    check_size(cfg, size, "--size")
+    if steps is not None and steps > cfg.diffusion.timesteps:
         raise ConfigError(
-            f"{cfg.name} is an inpainting model: pass --image and --mask (white = repaint)"
+            f"--steps {steps} must be at most the model's {cfg.diffusion.timesteps} diffusion "
+            "timesteps (model.diffusion.timesteps)"
         )
-    if cfg.conditioning == "txt2img" and (has_image or has_mask):
-        raise ConfigError(f"{cfg.name} is a text-to-image model: --image/--mask are not used")
-    if cfg.conditioning == "depth":
-        raise ConfigError(f"{cfg.name} is a depth model: sampling depth models is not supported")
-    # Every UNet level halves the latents: the size must divide down to whole pixels.
-    multiple = cfg.latent_downsampling * 2 ** (len(cfg.unet.channel_mult) - 1)
-    if size <= 0 or size % multiple:
-        raise ConfigError(f"--size {size} must be a positive multiple of {multiple} for {cfg.name}")
 
 
 def load_image(path: PathLike, size: int) -> Tensor:
@@ -186,76 +226,6 @@ def _open(path: PathLike) -> Image.Image:
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot read image {path}: {err}") from None
     return image
-
-
-def inpainting_channels(
-    model: StableDiffusion, image: Tensor, mask: Tensor, latent_hw: tuple[int, int]
-) -> Tensor:
-    """The extra UNet channels: mask at latent size + latents of the masked image (mode)."""
-    mask = (mask >= 0.5).to(image.dtype)  # (B, 1, H, W), 1 = repaint
-    masked = masked_images(image, mask)  # image * (mask < 0.5), (B, 3, H, W) in [-1, 1]
-    latents = model.encode_images(masked, sample=False)  # (B, 4, h, w)
-    return model.conditioning_channels(latent_hw, mask=mask, masked_image_latents=latents)
-
-
-def known_region(
-    model: StableDiffusion, image: Tensor, mask: Tensor, latent_hw: tuple[int, int]
-) -> KnownRegion:
-    """The image's latents (mode) to keep in every latent cell whose pixels are all unmasked."""
-    repaint = (mask >= 0.5).to(image.dtype)  # (B, 1, H, W)
-    touched = nn.functional.adaptive_max_pool2d(repaint, latent_hw)  # (B, 1, h, w)
-    return KnownRegion(model.encode_images(image, sample=False), 1 - touched)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def sample_images(
-    model: StableDiffusion,
-    prompts: Sequence[str],
-    *,
-    negative_prompt: str = "",
-    image: Tensor | None = None,
-    mask: Tensor | None = None,
-    sampler: SamplerName = "ddim",
-    steps: int = 50,
-    scale: float = 7.5,
-    eta: float = 0.0,
-    seed: int = 0,
-    size: int = 512,
-    keep_unmasked: bool = False,
-) -> Tensor:
-    """Images (B, 3, size, size) in [-1, 1], one per prompt, guided against ``negative_prompt``.
-
-    Inpainting models need ``image`` (1 or B, 3, size, size) in [-1, 1] and ``mask`` (1 or B, 1,
-    size, size), 1 = repaint; ``keep_unmasked`` holds the latent cells the mask does not touch to
-    the image's own latents while sampling. The start noise is drawn from a generator seeded with
-    ``seed``.
-    """
-    cfg = model.config
-    check_inputs(cfg, image is not None, mask is not None, size)
-    device = model.schedule.alphas_cumprod.device
-    n, f = len(prompts), cfg.latent_downsampling
-    latent_hw = (size // f, size // f)
-    extra, known = None, None
-    if image is not None and mask is not None:
-        extra = inpainting_channels(model, image.to(device), mask.to(device), latent_hw)
-        extra = extra.expand(n, -1, -1, -1)  # (B, 5, h, w)
-        if keep_unmasked:
-            known = known_region(model, image.to(device), mask.to(device), latent_hw)
-    cond = model.text_encoder.encode(list(prompts))  # (B, 77, D)
-    uncond = model.text_encoder.encode([negative_prompt] * n)  # (B, 77, D)
-    guided = cfg_denoiser(model.unet, uncond, cond, scale, extra=extra)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    shape = (n, cfg.unet.out_channels, *latent_hw)
-    latents = sample(
-        model.schedule, guided, shape, sampler=sampler, steps=steps, eta=eta,
-        generator=generator, device=device, known=known,
-    )  # fmt: skip
-    return model.decode_latents(latents)  # (B, 3, size, size)
 
 
 @dataclass
@@ -306,11 +276,13 @@ def sample_to_file(
     """
     if (image is None) != (mask is None):
         raise ConfigError("--image and --mask go together: pass both or neither")
-    if n < 1:
-        raise ConfigError(f"--n must be >= 1, got {n}")
+    check_options(steps=steps, scale=scale, eta=eta, sampler=sampler, n=n, seed=seed, size=size)
+    problem = files.cannot_write(out)
+    if problem:
+        raise ConfigError(f"{problem}; choose another --out")
     source = open_source(checkpoint, config, use_ema)
-    size = size or source.config.data.image.size
-    check_inputs(source.config.model, image is not None, mask is not None, size)
+    size = size if size is not None else source.config.data.image.size
+    check_inputs(source.config.model, image is not None, mask is not None, size, steps)
     seed = secrets.randbelow(2**31) if seed is None else seed
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pictures = {}
@@ -322,6 +294,6 @@ def sample_to_file(
         scale=scale, eta=eta, seed=seed, size=size, keep_unmasked=keep_unmasked, **pictures,
     )  # fmt: skip
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    to_image(image_grid(images.cpu())).save(out, format="PNG")
+    picture = to_image(image_grid(images.cpu()))
+    files.write_atomic(out, lambda tmp: picture.save(tmp, format="PNG"))
     return SampleResult(out, images.cpu(), seed, source)

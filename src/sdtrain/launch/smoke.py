@@ -18,6 +18,7 @@ from PIL import Image
 
 from sdtrain.config.loader import to_yaml
 from sdtrain.diffusion.loss import diffusion_loss, sample_noise
+from sdtrain.models.conditioning import UNetConditioning
 from sdtrain.models.stable_diffusion import StableDiffusion, build_stable_diffusion
 from sdtrain.trainer.experiment import ExperimentConfig
 from sdtrain.utils.images import draw_test_scene, to_image, to_tensor
@@ -25,25 +26,12 @@ from sdtrain.utils.images import draw_test_scene, to_image, to_tensor
 
 def conditioning_for(
     model: StableDiffusion, image: torch.Tensor, latent_hw: tuple[int, int]
-) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """The extra UNet channels for this model's conditioning, from a centre-square mask or a
-    brightness-based stand-in depth map, and the pictures worth saving."""
-    kind = model.config.conditioning
-    if kind == "inpainting":
-        size = image.shape[-1]
-        mask = torch.zeros(1, 1, size, size)
-        mask[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0  # 1 = repaint
-        masked = image * (1 - mask)
-        masked_latents = model.encode_images(masked, sample=False)
-        cond = model.conditioning_channels(
-            latent_hw, mask=mask, masked_image_latents=masked_latents
-        )
-        return cond, {"mask": mask * 2 - 1, "masked_image": masked}
-    if kind == "depth":
-        depth = image.mean(dim=1, keepdim=True)
-        depth = 2 * (depth - depth.min()) / (depth.max() - depth.min() + 1e-3) - 1
-        return model.conditioning_channels(latent_hw, depth=depth), {"depth": depth}
-    return None, {}
+) -> tuple[UNetConditioning, dict[str, torch.Tensor]]:
+    """The model's conditioning from stand-in inputs (a centre-box mask, brightness as depth;
+    see ``ConditioningComponent.stand_in_inputs``) and the pictures worth saving."""
+    component = model.conditioning
+    inputs = component.stand_in_inputs(image)
+    return component.from_inputs(model, inputs, latent_hw), component.pictures(inputs)
 
 
 @torch.no_grad()
@@ -72,7 +60,7 @@ def run_smoke(
     noisy = model.schedule.q_sample(latents, t, noise)
     context = model.text_encoder.encode([prompt])  # (1, 77, D)
     cond, extra_images = conditioning_for(model, image, tuple(latents.shape[-2:]))
-    prediction = model.unet(model.unet_input(noisy, cond), t, context)  # (1, 4, S/f, S/f)
+    prediction = model.unet(cond.unet_input(noisy), t, context, **cond.kwargs)  # (1, 4, h, w)
     target = model.schedule.target(latents, t, noise)
     loss = diffusion_loss(model.schedule, prediction, target, t)
     _, x0 = model.schedule.to_eps_and_x0(noisy, t, prediction)

@@ -9,21 +9,15 @@ conditioning concatenates.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from sdtrain.diffusion.schedule import DiffusionConfig
 from sdtrain.errors import ConfigError
 from sdtrain.models.autoencoder import AutoencoderConfig
+from sdtrain.models.conditioning import Conditioning, extra_input_channels
 from sdtrain.models.text_encoders import TextEncoderConfig
 from sdtrain.models.unet import UNetConfig
 
-Conditioning = Literal["txt2img", "inpainting", "depth"]
-
-
-def extra_input_channels(conditioning: str, latent_channels: int) -> int:
-    """Channels concatenated to the noisy latents: inpainting mask (1) + masked-image latents,
-    depth map (1), nothing for text-to-image."""
-    return {"txt2img": 0, "inpainting": 1 + latent_channels, "depth": 1}[conditioning]
+__all__ = ["Conditioning", "ModelConfig", "extra_input_channels"]
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 from sdtrain.config.loader import load_dataclass
 from sdtrain.data.config import DataConfig
 from sdtrain.errors import ConfigError
+from sdtrain.models.conditioning import required_data
 from sdtrain.models.config import ModelConfig
 from sdtrain.trainer.config import (
     CheckpointConfig,
@@ -61,14 +62,11 @@ class ExperimentConfig:
         # Only a config that names training data must provide what the model conditions on.
         if not self.data.shards:
             return
-        needs = {"inpainting": ("data.masks.enabled", self.data.masks.enabled),
-                 "depth": ("data.depth.enabled", self.data.depth.enabled)}  # fmt: skip
-        if self.model.conditioning in needs:
-            key, enabled = needs[self.model.conditioning]
-            if not enabled:
+        for section in required_data(self.model.conditioning):
+            if not getattr(self.data, section).enabled:
+                key = f"data.{section}.enabled"
                 raise ConfigError(
-                    f"a '{self.model.conditioning}' model trains on {key.split('.')[1]}: set "
-                    f"{key}: true",
+                    f"a '{self.model.conditioning}' model trains on {section}: set {key}: true",
                     key=key,
                 )
 

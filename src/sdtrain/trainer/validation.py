@@ -56,9 +56,10 @@ from torch import Tensor
 from sdtrain.data.config import DataConfig
 from sdtrain.data.filters import DataStats
 from sdtrain.data.pipeline import LaionLoader
-from sdtrain.data.transforms import masked_images, to_model_images
+from sdtrain.data.transforms import to_model_images
 from sdtrain.diffusion.loss import diffusion_loss, sample_noise
-from sdtrain.diffusion.samplers import cfg_denoiser, sample
+from sdtrain.models.conditioning import ConditioningComponent, ConditioningInputs, UNetConditioning
+from sdtrain.models.sampling import sample_images
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.experiment import ExperimentConfig
 from sdtrain.trainer.module import LatentDiffusionModule
@@ -123,7 +124,7 @@ class _EncodedBatch:
 
     latents: Tensor  # (B, 4, h, w), scaled
     context: Tensor  # (B, 77, D)
-    cond: Tensor | None  # (B, C', h, w): inpainting / depth channels
+    cond: UNetConditioning  # inpainting / depth channels
 
 
 @torch.no_grad()
@@ -134,16 +135,7 @@ def _encode_batch(
     images = to_model_images(batch["image"].to(device))  # (B, 3, H, W) in [-1, 1]
     latents = model.encode_images(images, generator=g)  # (B, 4, h, w)
     context = model.text_encoder.encode(list(batch["caption"]))  # (B, 77, D)
-    cond = None
-    kind = model.config.conditioning
-    if kind == "inpainting":
-        mask = batch["mask"].to(device)  # (B, 1, H, W) {0, 1}
-        masked = model.encode_images(masked_images(images, mask), generator=g)
-        cond = model.conditioning_channels(
-            latents.shape[-2:], mask=mask, masked_image_latents=masked
-        )
-    elif kind == "depth":
-        cond = model.conditioning_channels(latents.shape[-2:], depth=batch["depth"].to(device))
+    cond = model.conditioning.from_batch(model, batch, images, latents, g)
     return _EncodedBatch(latents, context, cond)
 
 
@@ -159,10 +151,10 @@ def _loss_in_bucket(
     latents, schedule = encoded.latents, model.schedule
     t = torch.randint(*bucket, (latents.shape[0],), generator=g, device=latents.device)  # (B,)
     noise = sample_noise(latents, model.config.diffusion.offset_noise, g)
-    unet_in = model.unet_input(schedule.q_sample(latents, t, noise), encoded.cond)
+    unet_in = encoded.cond.unet_input(schedule.q_sample(latents, t, noise))
     if channels_last:
         unet_in = unet_in.contiguous(memory_format=torch.channels_last)
-    prediction = model.unet(unet_in, t, encoded.context)  # (B, 4, h, w)
+    prediction = model.unet(unet_in, t, encoded.context, **encoded.cond.kwargs)  # (B, 4, h, w)
     return diffusion_loss(schedule, prediction, schedule.target(latents, t, noise), t)
 
 
@@ -177,8 +169,8 @@ class SampleInputs:
 
     prompts: list[str]
     noise: Tensor  # (P, 4, s, s) initial latents, the same every validation
-    images: Tensor | None = None  # (P, 3, S, S) in [-1, 1]: inpainting / depth inputs
-    hint: Tensor | None = None  # (P, 1, S, S): inpainting mask {0, 1} or depth in [-1, 1]
+    conditioning: ConditioningInputs = dataclasses.field(default_factory=ConditioningInputs)
+    """Inpainting / depth inputs (P, ., S, S): image, mask or depth."""
 
 
 def square(images: Tensor, size: int) -> Tensor:
@@ -192,64 +184,14 @@ def square(images: Tensor, size: int) -> Tensor:
     return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1)
 
 
-def box_mask(count: int, size: int) -> Tensor:
-    """The fixed inpainting mask: a centre box of half the side (1 = repaint); (N, 1, S, S)."""
-    mask = torch.zeros(count, 1, size, size)
-    mask[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0
-    return mask
-
-
-def stand_in_depth(images: Tensor) -> Tensor:
-    """Brightness as a stand-in depth map in [-1, 1] when the held-out data has none."""
-    depth = images.mean(dim=1, keepdim=True)  # (N, 1, S, S)
-    low = depth.amin(dim=(1, 2, 3), keepdim=True)
-    high = depth.amax(dim=(1, 2, 3), keepdim=True)
-    return 2 * (depth - low) / (high - low + 1e-3) - 1
-
-
-@torch.no_grad()
-def sample_images(
-    model: StableDiffusion,
-    inputs: SampleInputs,
-    sampler: str,
-    steps: int,
-    guidance_scale: float,
-    chunk: int,
-) -> Tensor:
-    """Decoded samples (P, 3, S, S) in [-1, 1] for the fixed inputs, ``chunk`` prompts at a time."""
-    device = inputs.noise.device
-    out = []
-    for start in range(0, len(inputs.prompts), chunk):
-        part = slice(start, start + chunk)
-        prompts = inputs.prompts[part]
-        noise = inputs.noise[part]  # (p, 4, s, s)
-        context = model.text_encoder.encode(prompts)  # (p, 77, D)
-        uncond = model.text_encoder.encode([""] * len(prompts))  # (p, 77, D)
-        extra = None
-        if inputs.images is not None and inputs.hint is not None:
-            images, hint = inputs.images[part], inputs.hint[part]
-            latent_hw = noise.shape[-2:]
-            if model.config.conditioning == "inpainting":
-                masked = model.encode_images(masked_images(images, hint), sample=False)
-                extra = model.conditioning_channels(
-                    latent_hw, mask=hint, masked_image_latents=masked
-                )  # (p, 5, s, s)
-            else:
-                extra = model.conditioning_channels(latent_hw, depth=hint)  # (p, 1, s, s)
-        guided = cfg_denoiser(model.unet, uncond, context, guidance_scale, extra=extra)
-        latents = sample(
-            model.schedule, guided, noise.shape, sampler=sampler, steps=steps, x_T=noise
-        )  # (p, 4, s, s)
-        out.append(model.decode_latents(latents.to(device)).float())
-    return torch.cat(out)
-
-
-def grid_rows(inputs: SampleInputs, results: Tensor, conditioning: str) -> list[np.ndarray]:
+def grid_rows(
+    inputs: SampleInputs, results: Tensor, conditioning: ConditioningComponent
+) -> list[np.ndarray]:
     """The grid's rows, each (P, S, S, 3) uint8: [result] or [input, mask / depth, result]."""
-    if inputs.images is None or inputs.hint is None:
+    image, hint = inputs.conditioning.image, conditioning.hint_picture(inputs.conditioning)
+    if image is None or hint is None:
         return [to_uint8(results)]
-    hint = inputs.hint * 2 - 1 if conditioning == "inpainting" else inputs.hint
-    return [to_uint8(inputs.images), to_uint8(hint), to_uint8(results)]
+    return [to_uint8(image), to_uint8(hint), to_uint8(results)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,15 +332,10 @@ class ValidationCallback(Callback):
         shape = (len(v.prompts), self.cfg.model.unet.out_channels, size // f, size // f)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(v.seed))
         inputs = SampleInputs(list(v.prompts), noise.to(device))
-        kind = model.config.conditioning
-        if kind == "txt2img":
+        if not model.conditioning.sample_inputs:
             return inputs
         images, depth = self.reference_images(len(v.prompts), size)
-        inputs.images = images.to(device)
-        if kind == "inpainting":
-            inputs.hint = box_mask(len(v.prompts), size).to(device)
-        else:
-            inputs.hint = (depth if depth is not None else stand_in_depth(images)).to(device)
+        inputs.conditioning = model.conditioning.stand_in_inputs(images, depth).to(device)
         return inputs
 
     def reference_images(self, count: int, size: int) -> tuple[Tensor, Tensor | None]:
@@ -432,11 +369,14 @@ class ValidationCallback(Callback):
         inputs = self.sample_inputs(module)
         chunk = max(self.cfg.data.batch_size, 1)
         grids = {}
+        c = inputs.conditioning
         for sampler in v.samplers:
-            results = sample_images(
-                module.model, inputs, sampler, v.steps, v.guidance_scale, chunk
-            )  # (P, 3, S, S)
-            grids[sampler] = grid_rows(inputs, results, module.model.config.conditioning)
+            results = sample_images(  # (P, 3, S, S)
+                module.model, inputs.prompts, image=c.image, mask=c.mask, depth=c.depth,
+                sampler=sampler, steps=v.steps, scale=v.guidance_scale, noise=inputs.noise,
+                chunk=chunk,
+            )  # fmt: skip
+            grids[sampler] = grid_rows(inputs, results, module.model.conditioning)
         return grids
 
     def grid_path(self, step: int, sampler: str, suffix: str = "") -> Path:

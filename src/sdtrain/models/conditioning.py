@@ -1,0 +1,362 @@
+"""What the UNet sees besides the noisy latents, one component per ``model.conditioning``.
+
+The registry ``CONDITIONINGS`` is the only place in sdtrain that tells the modes apart. A
+component turns what a mode is given into ``UNetConditioning``: the channels concatenated after
+the noisy latents and any further UNet inputs (``kwargs``). It is given either
+
+- a training or held-out batch (``from_batch``: the mask or depth map the loader made), with the
+  frozen models and the step's generator, drawing in a fixed order after the image latents; or
+- sampling inputs in pixel space (``from_inputs``: ``sdtrain sample``'s image and mask, the
+  fixed inputs of validation grids and smoke), encoded to the posterior mode.
+
+For classifier-free guidance, ``unconditional`` says what the unconditional branch sees: every
+mode here keeps its channels (the image is not what guidance contrasts; only the text is).
+
+The modes, with ``C`` latent channels (4 for SD):
+
+- ``txt2img``: nothing (UNet input C channels);
+- ``inpainting``: the mask resized nearest to latent size (1) + the latents of the masked image
+  ``image * (1 - mask)`` (C): C + 1 + C channels, as the original ``hybrid`` mode;
+- ``depth``: a depth map in [-1, 1] resized bicubic (1): C + 1 channels.
+
+An x4 upscaler would be one more component: its ``from_batch`` / ``from_inputs`` noise the low-res
+image (extra channels) and put the noise level into ``kwargs["y"]``, which ``unconditional``
+keeps, and it names the data it trains on in ``data_sections``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sdtrain.data.transforms import masked_images
+from sdtrain.diffusion.samplers import KnownRegion
+from sdtrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sdtrain.models.stable_diffusion import StableDiffusion
+
+Conditioning = Literal["txt2img", "inpainting", "depth"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What goes in and what comes out
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UNetConditioning:
+    """Everything the UNet takes besides the noisy latents, the timestep and the text context."""
+
+    concat: Tensor | None = None
+    """(B, C', h, w): channels concatenated after the noisy latents; None for none."""
+    kwargs: dict[str, Tensor] = field(default_factory=dict)
+    """Further UNet inputs by keyword, batch first (an upscaler's noise-level label ``y``)."""
+
+    def unet_input(self, noisy: Tensor) -> Tensor:
+        """cat([noisy latents, channels]) along channels: (B, C + C', h, w)."""
+        if self.concat is None:
+            return noisy
+        return torch.cat([noisy, self.concat.to(noisy.dtype)], dim=1)
+
+    def expand(self, n: int) -> UNetConditioning:
+        """The same conditioning for a batch of ``n`` (from a batch of 1 or of ``n``)."""
+        concat = None if self.concat is None else self.concat.expand(n, -1, -1, -1)
+        kwargs = {k: v.expand(n, *v.shape[1:]) for k, v in self.kwargs.items()}
+        return UNetConditioning(concat, kwargs)
+
+
+@dataclass
+class ConditioningInputs:
+    """What a conditioned model is given at sampling time, in pixel space, batch 1 or B."""
+
+    image: Tensor | None = None
+    """(B, 3, H, W) in [-1, 1]: the picture to repaint (inpainting) or shown beside the depth."""
+    mask: Tensor | None = None
+    """(B, 1, H, W): 1 (>= 0.5) = repaint."""
+    depth: Tensor | None = None
+    """(B, 1, H, W) in [-1, 1]."""
+
+    def given(self) -> set[str]:
+        """The names of the inputs present."""
+        return {f.name for f in fields(self) if getattr(self, f.name) is not None}
+
+    def select(self, part: slice) -> ConditioningInputs:
+        """The inputs of the prompts in ``part``; a batch of 1 serves every prompt."""
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            picked[f.name] = value if value is None or len(value) == 1 else value[part]
+        return ConditioningInputs(**picked)
+
+    def to(self, device: torch.device | str) -> ConditioningInputs:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return ConditioningInputs(**{k: v if v is None else v.to(device) for k, v in moved.items()})
+
+
+def box_mask(count: int, size: int, device: torch.device | str | None = None) -> Tensor:
+    """A fixed inpainting mask: a centre box of half the side (1 = repaint); (N, 1, S, S)."""
+    mask = torch.zeros(count, 1, size, size, device=device)
+    mask[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0
+    return mask
+
+
+def stand_in_depth(images: Tensor) -> Tensor:
+    """Brightness as a stand-in depth map in [-1, 1], per image; (N, 1, S, S)."""
+    depth = images.mean(dim=1, keepdim=True)  # (N, 1, S, S)
+    low = depth.amin(dim=(1, 2, 3), keepdim=True)
+    high = depth.amax(dim=(1, 2, 3), keepdim=True)
+    return 2 * (depth - low) / (high - low + 1e-3) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The components
+# ---------------------------------------------------------------------------------------------
+
+
+class ConditioningComponent:
+    """One ``model.conditioning`` mode; the base class is text-to-image (nothing extra)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    """For messages: "a {description} model"."""
+    data_sections: ClassVar[tuple[str, ...]] = ()
+    """``data.<section>.enabled`` must be true to train this mode (the loader makes the inputs)."""
+    sample_inputs: ClassVar[tuple[str, ...]] = ()
+    """The ``ConditioningInputs`` fields ``from_inputs`` needs."""
+    optional_inputs: ClassVar[tuple[str, ...]] = ()
+    """Fields it accepts without needing them (shown beside the result)."""
+    parts: ClassVar[tuple[str, ...]] = ()
+    """The encoded parts ``channels`` concatenates."""
+
+    def extra_channels(self, latent_channels: int) -> int:
+        """Channels concatenated after ``latent_channels`` noisy latent channels."""
+        return 0
+
+    def channels(self, latent_hw: tuple[int, int], parts: Mapping[str, Tensor]) -> Tensor | None:
+        """The concatenated channels (B, C', h, w) from already-encoded ``parts``."""
+        missing = [p for p in self.parts if parts.get(p) is None]
+        if missing:
+            raise ValueError(f"{self.article()} {self.description} model needs {_and(missing)}")
+        return None
+
+    def from_batch(
+        self,
+        model: StableDiffusion,
+        batch: Mapping[str, Any],
+        images: Tensor,
+        latents: Tensor,
+        generator: torch.Generator | None,
+    ) -> UNetConditioning:
+        """Training / held-out: ``images`` (B, 3, H, W) in [-1, 1] on the model's device, their
+        ``latents``; random draws (posterior samples) from ``generator``."""
+        return UNetConditioning()
+
+    def from_inputs(
+        self, model: StableDiffusion, inputs: ConditioningInputs, latent_hw: tuple[int, int]
+    ) -> UNetConditioning:
+        """Sampling: pixel-space ``inputs`` -> conditioning at ``latent_hw`` (no random draw)."""
+        self.check_inputs(inputs.given(), model.config.name)
+        return UNetConditioning()
+
+    def unconditional(self, cond: UNetConditioning) -> UNetConditioning:
+        """What the unconditional branch of classifier-free guidance sees: all of it."""
+        return cond
+
+    def known_region(
+        self, model: StableDiffusion, inputs: ConditioningInputs, latent_hw: tuple[int, int]
+    ) -> KnownRegion | None:
+        """Latents to hold while sampling (``keep_unmasked``); None where the mode has none."""
+        return None
+
+    def stand_in_inputs(self, images: Tensor, depth: Tensor | None = None) -> ConditioningInputs:
+        """Fixed sampling inputs built from ``images`` (N, 3, S, S) (validation grids, smoke):
+        a centre box mask, the given ``depth`` or a brightness stand-in."""
+        return ConditioningInputs()
+
+    def pictures(self, inputs: ConditioningInputs) -> dict[str, Tensor]:
+        """What conditioned the model, as pictures in [-1, 1]; the first is ``hint_picture``."""
+        return {}
+
+    def hint_picture(self, inputs: ConditioningInputs) -> Tensor | None:
+        """The one picture (N, 1, S, S) in [-1, 1] a grid shows beside the input: mask / depth."""
+        pictures = self.pictures(inputs)
+        return next(iter(pictures.values())) if pictures else None
+
+    def check_inputs(self, given: set[str], model_name: str) -> None:
+        """Sampling inputs this mode needs or cannot use: a ConfigError naming them."""
+        needs, unused = (
+            set(self.sample_inputs),
+            given - {*self.sample_inputs, *self.optional_inputs},
+        )
+        if needs - given:
+            raise ConfigError(
+                f"{model_name} is {self.article()} {self.description} model: sampling needs "
+                f"{_and(sorted(needs - given))}"
+            )
+        if unused:
+            raise ConfigError(
+                f"{model_name} is {self.article()} {self.description} model: "
+                f"{_and(sorted(unused))} not used"
+            )
+
+    def article(self) -> str:
+        return "an" if self.description[0] in "aeiou" else "a"
+
+
+class TextToImage(ConditioningComponent):
+    """The base model: the UNet sees the noisy latents only."""
+
+    name = "txt2img"
+    description = "text-to-image"
+
+
+class Inpainting(ConditioningComponent):
+    """Mask + masked-image latents (SD 1.5 / SD 2 inpainting, the original ``hybrid`` mode)."""
+
+    name = "inpainting"
+    description = "inpainting"
+    data_sections = ("masks",)
+    sample_inputs = ("image", "mask")
+    parts = ("mask", "masked_image_latents")
+
+    def extra_channels(self, latent_channels: int) -> int:
+        return 1 + latent_channels
+
+    def channels(self, latent_hw: tuple[int, int], parts: Mapping[str, Tensor]) -> Tensor | None:
+        """mask (B, 1, H, W) resized nearest + masked-image latents (B, C, h, w)."""
+        super().channels(latent_hw, parts)
+        latents = parts["masked_image_latents"]
+        small = F.interpolate(parts["mask"].float(), size=latent_hw, mode="nearest")
+        return torch.cat([small.to(latents.dtype), latents], dim=1)  # (B, 1 + C, h, w)
+
+    def from_batch(
+        self,
+        model: StableDiffusion,
+        batch: Mapping[str, Any],
+        images: Tensor,
+        latents: Tensor,
+        generator: torch.Generator | None,
+    ) -> UNetConditioning:
+        mask = batch["mask"].to(images.device)  # (B, 1, H, W) {0, 1}
+        # The posterior sample is drawn after the image latents' (the order training has).
+        masked = model.encode_images(masked_images(images, mask), generator=generator)
+        parts = {"mask": mask, "masked_image_latents": masked}
+        return UNetConditioning(self.channels(tuple(latents.shape[-2:]), parts))
+
+    def from_inputs(
+        self, model: StableDiffusion, inputs: ConditioningInputs, latent_hw: tuple[int, int]
+    ) -> UNetConditioning:
+        """As the original ``scripts/inpaint``: the mask binarised at 0.5, the masked image
+        ``image * (mask < 0.5)`` encoded to its posterior mode."""
+        self.check_inputs(inputs.given(), model.config.name)
+        assert inputs.image is not None and inputs.mask is not None
+        mask = (inputs.mask >= 0.5).to(inputs.image.dtype)  # (B, 1, H, W), 1 = repaint
+        masked = model.encode_images(masked_images(inputs.image, mask), sample=False)
+        return UNetConditioning(
+            self.channels(latent_hw, {"mask": mask, "masked_image_latents": masked})
+        )
+
+    def known_region(
+        self, model: StableDiffusion, inputs: ConditioningInputs, latent_hw: tuple[int, int]
+    ) -> KnownRegion | None:
+        """The image's latents (mode) in every latent cell whose pixels are all unmasked."""
+        assert inputs.image is not None and inputs.mask is not None
+        repaint = (inputs.mask >= 0.5).to(inputs.image.dtype)  # (B, 1, H, W)
+        touched = F.adaptive_max_pool2d(repaint, latent_hw)  # (B, 1, h, w)
+        return KnownRegion(model.encode_images(inputs.image, sample=False), 1 - touched)
+
+    def stand_in_inputs(self, images: Tensor, depth: Tensor | None = None) -> ConditioningInputs:
+        return ConditioningInputs(image=images, mask=box_mask(len(images), images.shape[-1]))
+
+    def pictures(self, inputs: ConditioningInputs) -> dict[str, Tensor]:
+        assert inputs.image is not None and inputs.mask is not None
+        return {
+            "mask": inputs.mask * 2 - 1,
+            "masked_image": masked_images(inputs.image, inputs.mask),
+        }
+
+
+class Depth(ConditioningComponent):
+    """A depth map (SD 2 depth: MiDaS depth in [-1, 1])."""
+
+    name = "depth"
+    description = "depth"
+    data_sections = ("depth",)
+    sample_inputs = ("depth",)
+    optional_inputs = ("image",)
+    parts = ("depth",)
+
+    def extra_channels(self, latent_channels: int) -> int:
+        return 1
+
+    def channels(self, latent_hw: tuple[int, int], parts: Mapping[str, Tensor]) -> Tensor | None:
+        """depth (B, 1, H, W) resized bicubic to (B, 1, h, w)."""
+        super().channels(latent_hw, parts)
+        return F.interpolate(parts["depth"].float(), size=latent_hw, mode="bicubic")
+
+    def from_batch(
+        self,
+        model: StableDiffusion,
+        batch: Mapping[str, Any],
+        images: Tensor,
+        latents: Tensor,
+        generator: torch.Generator | None,
+    ) -> UNetConditioning:
+        depth = batch["depth"].to(images.device)
+        return UNetConditioning(self.channels(tuple(latents.shape[-2:]), {"depth": depth}))
+
+    def from_inputs(
+        self, model: StableDiffusion, inputs: ConditioningInputs, latent_hw: tuple[int, int]
+    ) -> UNetConditioning:
+        self.check_inputs(inputs.given(), model.config.name)
+        assert inputs.depth is not None
+        return UNetConditioning(self.channels(latent_hw, {"depth": inputs.depth}))
+
+    def stand_in_inputs(self, images: Tensor, depth: Tensor | None = None) -> ConditioningInputs:
+        return ConditioningInputs(
+            image=images, depth=depth if depth is not None else stand_in_depth(images)
+        )
+
+    def pictures(self, inputs: ConditioningInputs) -> dict[str, Tensor]:
+        assert inputs.depth is not None
+        return {"depth": inputs.depth}
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------------------------
+
+CONDITIONINGS: dict[str, ConditioningComponent] = {
+    c.name: c for c in (TextToImage(), Inpainting(), Depth())
+}
+
+
+def conditioning_component(name: str) -> ConditioningComponent:
+    """The component of ``model.conditioning`` ``name``."""
+    try:
+        return CONDITIONINGS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown conditioning {name!r}; choose from {', '.join(CONDITIONINGS)}",
+            key="conditioning",
+        ) from None
+
+
+def extra_input_channels(conditioning: str, latent_channels: int) -> int:
+    """Channels the ``conditioning`` mode concatenates to ``latent_channels`` noisy latents."""
+    return conditioning_component(conditioning).extra_channels(latent_channels)
+
+
+def required_data(conditioning: str) -> tuple[str, ...]:
+    """The ``data.<section>.enabled`` switches that training a ``conditioning`` model needs."""
+    return conditioning_component(conditioning).data_sections
+
+
+def _and(names: list[str]) -> str:
+    return " and ".join(names)
