@@ -135,7 +135,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        obj = files.load_torch(path, map_location=map_location or "cpu")
+        # Not memory-mapped: the optimiser keeps the loaded tensors as its state.
+        obj = files.load_torch(path, map_location=map_location or "cpu", mmap=False)
         if not isinstance(obj, dict):
             raise NotATrainingCheckpoint("is not a training checkpoint", path)
         return obj

@@ -106,12 +106,14 @@ def check_readable(path: Path) -> None:
         raise CheckpointError("file is empty (0 bytes); it was probably not written fully", path)
 
 
-def load_torch(path: PathLike, *, map_location: object = "cpu", verify: bool = True) -> object:
+def load_torch(
+    path: PathLike, *, map_location: object = "cpu", verify: bool = True, mmap: bool = True
+) -> object:
     """``torch.load`` without running pickled code; verifies the integrity record if any.
 
-    Zip files (what ``torch.save`` writes) are memory-mapped: a multi-GB checkpoint is not read
-    twice into RAM. Errors name the file and say whether it is damaged, not a torch file at all,
-    or wants to run code.
+    Zip files (what ``torch.save`` writes) are memory-mapped unless ``mmap=False``: a multi-GB
+    checkpoint is not read twice into RAM. Errors name the file and say whether it is damaged,
+    not a torch file at all, or wants to run code.
     """
     path = Path(path)
     check_readable(path)
@@ -128,7 +130,9 @@ def load_torch(path: PathLike, *, map_location: object = "cpu", verify: bool = T
         with torch.serialization.safe_globals(data_only_globals()), warnings.catch_warnings():
             # A damaged legacy file claims odd pickle protocols; the error below says enough.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=is_zip)
+            return torch.load(
+                path, map_location=map_location, weights_only=True, mmap=is_zip and mmap
+            )
     except pickle.UnpicklingError as err:
         raise _pickle_refusal(path, err) from None
     except Exception as err:  # torch surfaces corruption as RuntimeError, EOFError, KeyError...
