@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdtrain.data.transforms import masked_images, to_model_images
+from sdtrain.data.transforms import to_model_images
 from sdtrain.diffusion.loss import diffusion_loss
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.experiment import ExperimentConfig, load_config
@@ -228,20 +228,11 @@ class TrainStep:
             images = to_model_images(self.batch["image"])  # (B, 3, H, W) in [-1, 1]
             latents = model.encode_images(images, generator=g)  # (B, 4, h, w)
             context = model.text_encoder.encode(self.batch["caption"])  # (B, 77, D)
-            cond = None
-            if "mask" in self.batch:
-                masked = masked_images(images, self.batch["mask"])
-                cond = model.conditioning_channels(
-                    latents.shape[-2:],
-                    mask=self.batch["mask"],
-                    masked_image_latents=model.encode_images(masked, generator=g),
-                )
-            elif "depth" in self.batch:
-                cond = model.conditioning_channels(latents.shape[-2:], depth=self.batch["depth"])
+            cond = model.conditioning.from_batch(model, self.batch, images, latents, g)
         b = latents.shape[0]
         t = torch.randint(0, model.schedule.num_timesteps, (b,), generator=g, device=self.device)
         noise = torch.randn(latents.shape, generator=g, device=self.device)
-        unet_in = model.unet_input(model.schedule.q_sample(latents.float(), t, noise), cond)
+        unet_in = cond.unet_input(model.schedule.q_sample(latents.float(), t, noise))
         target = model.schedule.target(latents.float(), t, noise)
         return unet_in.float(), t, context.float(), target
 
