@@ -16,15 +16,21 @@ This is the role of k-diffusion's ``Denoiser`` scalings and sgm's ``denoiser_sca
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal, Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from sdtrain.diffusion.schedule import NoiseSchedule
-
 ParameterizationName = Literal["eps", "v"]
+
+
+class ForwardProcess(Protocol):
+    """The forward-process conversions a parameterisation uses (``NoiseSchedule``'s)."""
+
+    def v_target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor: ...
+    def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor: ...
+    def x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor: ...
+    def eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor: ...
 
 
 class Parameterization:
@@ -34,12 +40,12 @@ class Parameterization:
     defined_at_zero_snr: ClassVar[bool]
     """Whether the target stays finite where SNR is 0 (the last step under zero terminal SNR)."""
 
-    def target(self, schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    def target(self, schedule: ForwardProcess, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """The training target for clean latents ``x0`` noised with ``noise`` to timestep ``t``."""
         raise NotImplementedError
 
     def to_eps_and_x0(
-        self, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, output: Tensor
+        self, schedule: ForwardProcess, x_t: Tensor, t: Tensor, output: Tensor
     ) -> tuple[Tensor, Tensor]:
         """(eps, x0) predicted by the model ``output`` at ``(x_t, t)``."""
         raise NotImplementedError
@@ -58,11 +64,11 @@ class EpsParameterization(Parameterization):
     name = "eps"
     defined_at_zero_snr = False  # x0 = (x_t - s eps) / a is undefined at a = 0
 
-    def target(self, schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    def target(self, schedule: ForwardProcess, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         return noise
 
     def to_eps_and_x0(
-        self, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, output: Tensor
+        self, schedule: ForwardProcess, x_t: Tensor, t: Tensor, output: Tensor
     ) -> tuple[Tensor, Tensor]:
         return output, schedule.x0_from_eps(x_t, t, output)
 
@@ -76,11 +82,11 @@ class VParameterization(Parameterization):
     name = "v"
     defined_at_zero_snr = True
 
-    def target(self, schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    def target(self, schedule: ForwardProcess, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         return schedule.v_target(x0, t, noise)
 
     def to_eps_and_x0(
-        self, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, output: Tensor
+        self, schedule: ForwardProcess, x_t: Tensor, t: Tensor, output: Tensor
     ) -> tuple[Tensor, Tensor]:
         return schedule.eps_from_v(x_t, t, output), schedule.x0_from_v(x_t, t, output)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +38,15 @@ from sdtrain.data.transforms import masked_images
 from sdtrain.diffusion.samplers import KnownRegion
 from sdtrain.errors import ConfigError
 
-if TYPE_CHECKING:
-    from sdtrain.models.stable_diffusion import StableDiffusion
-
 Conditioning = Literal["txt2img", "inpainting", "depth"]
+
+
+class FirstStage(Protocol):
+    """What a component uses of the model (a ``StableDiffusion``): its frozen first stage."""
+
+    def encode_images(
+        self, images: Tensor, generator: torch.Generator | None = None, sample: bool = True
+    ) -> Tensor: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +152,7 @@ class ConditioningComponent:
 
     def from_batch(
         self,
-        model: StableDiffusion,
+        model: FirstStage,
         batch: Mapping[str, Any],
         images: Tensor,
         latents: Tensor,
@@ -158,10 +163,10 @@ class ConditioningComponent:
         return UNetConditioning()
 
     def from_inputs(
-        self, model: StableDiffusion, inputs: ConditioningInputs, latent_hw: tuple[int, int]
+        self, model: FirstStage, inputs: ConditioningInputs, latent_hw: tuple[int, int]
     ) -> UNetConditioning:
         """Sampling: pixel-space ``inputs`` -> conditioning at ``latent_hw`` (no random draw)."""
-        self.check_inputs(inputs.given(), model.config.name)
+        self.check_inputs(inputs.given())
         return UNetConditioning()
 
     def unconditional(self, cond: UNetConditioning) -> UNetConditioning:
@@ -169,7 +174,7 @@ class ConditioningComponent:
         return cond
 
     def known_region(
-        self, model: StableDiffusion, inputs: ConditioningInputs, latent_hw: tuple[int, int]
+        self, model: FirstStage, inputs: ConditioningInputs, latent_hw: tuple[int, int]
     ) -> KnownRegion | None:
         """Latents to hold while sampling (``keep_unmasked``); None where the mode has none."""
         return None
@@ -188,7 +193,7 @@ class ConditioningComponent:
         pictures = self.pictures(inputs)
         return next(iter(pictures.values())) if pictures else None
 
-    def check_inputs(self, given: set[str], model_name: str) -> None:
+    def check_inputs(self, given: set[str], model_name: str = "the model") -> None:
         """Sampling inputs this mode needs or cannot use: a ConfigError naming them."""
         needs, unused = (
             set(self.sample_inputs),
@@ -237,7 +242,7 @@ class Inpainting(ConditioningComponent):
 
     def from_batch(
         self,
-        model: StableDiffusion,
+        model: FirstStage,
         batch: Mapping[str, Any],
         images: Tensor,
         latents: Tensor,
@@ -250,11 +255,11 @@ class Inpainting(ConditioningComponent):
         return UNetConditioning(self.channels(tuple(latents.shape[-2:]), parts))
 
     def from_inputs(
-        self, model: StableDiffusion, inputs: ConditioningInputs, latent_hw: tuple[int, int]
+        self, model: FirstStage, inputs: ConditioningInputs, latent_hw: tuple[int, int]
     ) -> UNetConditioning:
         """As the original ``scripts/inpaint``: the mask binarised at 0.5, the masked image
         ``image * (mask < 0.5)`` encoded to its posterior mode."""
-        self.check_inputs(inputs.given(), model.config.name)
+        self.check_inputs(inputs.given())
         assert inputs.image is not None and inputs.mask is not None
         mask = (inputs.mask >= 0.5).to(inputs.image.dtype)  # (B, 1, H, W), 1 = repaint
         masked = model.encode_images(masked_images(inputs.image, mask), sample=False)
@@ -263,7 +268,7 @@ class Inpainting(ConditioningComponent):
         )
 
     def known_region(
-        self, model: StableDiffusion, inputs: ConditioningInputs, latent_hw: tuple[int, int]
+        self, model: FirstStage, inputs: ConditioningInputs, latent_hw: tuple[int, int]
     ) -> KnownRegion | None:
         """The image's latents (mode) in every latent cell whose pixels are all unmasked."""
         assert inputs.image is not None and inputs.mask is not None
@@ -302,7 +307,7 @@ class Depth(ConditioningComponent):
 
     def from_batch(
         self,
-        model: StableDiffusion,
+        model: FirstStage,
         batch: Mapping[str, Any],
         images: Tensor,
         latents: Tensor,
@@ -312,9 +317,9 @@ class Depth(ConditioningComponent):
         return UNetConditioning(self.channels(tuple(latents.shape[-2:]), {"depth": depth}))
 
     def from_inputs(
-        self, model: StableDiffusion, inputs: ConditioningInputs, latent_hw: tuple[int, int]
+        self, model: FirstStage, inputs: ConditioningInputs, latent_hw: tuple[int, int]
     ) -> UNetConditioning:
-        self.check_inputs(inputs.given(), model.config.name)
+        self.check_inputs(inputs.given())
         assert inputs.depth is not None
         return UNetConditioning(self.channels(latent_hw, {"depth": inputs.depth}))
 
