@@ -68,3 +68,25 @@ def test_edge_values_are_accepted(checkpoint: Path, tmp_path: Path) -> None:
     edges = ["--steps", "1", "--scale", "0", "--seed", str(2**64 - 1), "--size", "16"]
     assert main([*args, "--out", str(out), *edges]) == EXIT_OK
     assert out.exists()
+
+
+def test_inputs_the_model_cannot_use_are_named(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    depth_cfg = ROOT / "configs" / "models" / "tiny-depth.yaml"
+    depth = tmp_path / "depth.safetensors"
+    write_checkpoint(
+        depth, **build_stable_diffusion(load_config([depth_cfg]).model).original_parts()
+    )
+    out = tmp_path / "out.png"
+    pictures = ["--image", str(tmp_path / "i.png"), "--mask", str(tmp_path / "m.png")]
+    cases = [
+        (checkpoint, TINY_BASE, pictures, "tiny-base is a text-to-image model: --image/--mask are "
+         "not used"),
+        (depth, depth_cfg, [], "tiny-depth is a depth model: sampling depth models is not "
+         "supported"),
+    ]  # fmt: skip
+    for source, config, extra, message in cases:
+        args = ["sample", "--checkpoint", str(source), "--config", str(config), "--prompt", "x"]
+        assert main([*args, "--out", str(out), *extra]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not out.exists()
