@@ -505,3 +505,55 @@ def verify_integrity(path: PathLike) -> bool:
         )
     _verified.add(key)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON files and whole folders (diffusers-format model folders)
+# ---------------------------------------------------------------------------------------------
+
+
+def read_json(path: PathLike) -> object:
+    """The parsed content of a JSON file; a missing, unreadable or malformed one is a
+    ``CheckpointError`` naming it."""
+    path = Path(path)
+    check_readable(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"cannot be read ({_detail(err)})", path) from None
+    except ValueError as err:
+        raise CheckpointError(f"is not valid JSON ({_detail(err)})", path) from None
+
+
+def write_json(path: PathLike, obj: object) -> Path:
+    """Atomically write ``obj`` as indented JSON (keys in the given order)."""
+    return write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_folder_atomic(path: PathLike, fill: Callable[[Path], object]) -> Path:
+    """Create the folder ``path`` by ``fill(tmp)`` into a hidden sibling folder that is renamed
+    onto ``path`` when complete: readers never see a half-written folder. ``path`` must not exist
+    or be an empty folder; folders get the permissions the umask gives."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        what = "a file" if not path.is_dir() else "a folder that is not empty"
+        raise WriteError(f"is {what}; choose a new output folder", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        if path.is_dir():
+            path.rmdir()
+        os.rename(tmp, path)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise WriteError(
+                f"{describe_os_error(err)} while writing the folder", path,
+                reason=describe_os_error(err),
+            ) from err  # fmt: skip
+        raise
+    with contextlib.suppress(OSError):
+        _fsync(path.parent)
+    return path
