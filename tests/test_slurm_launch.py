@@ -114,6 +114,7 @@ def test_signal_checkpoints_and_stops(tmp_path: Path) -> None:
     from sdtrain.trainer.experiment import load_config
     from sdtrain.trainer.fit import fit
     from sdtrain.trainer.module import LatentDiffusionModule
+    from sdtrain.trainer.preemption import RunInterrupted
 
     write_synthetic_shards(tmp_path / "shards", SyntheticSpec(samples=16, per_shard=8,
                            min_side=64, max_side=80))  # fmt: skip
@@ -130,12 +131,15 @@ def test_signal_checkpoints_and_stops(tmp_path: Path) -> None:
 
     LatentDiffusionModule.training_step = step_then_signal
     try:
-        fit(cfg)
+        with pytest.raises(RunInterrupted) as stop:  # outside SLURM: a stop, not a success
+            fit(cfg)
     finally:
         LatentDiffusionModule.training_step = original
-    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step=*.ckpt"))
     assert len(saved) == 1
     step = int(saved[0].removeprefix("step=").removesuffix(".ckpt"))
     assert 4 <= step <= 6, saved
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / saved[0], weights_only=True)
     assert ckpt["global_step"] == step
+    assert stop.value.exit_code == 128 + signal.SIGUSR1 and stop.value.step == step
+    assert "resume=auto" in str(stop.value)

@@ -64,3 +64,40 @@ class DataError(RuntimeError):
 class RunFolderLocked(RuntimeError):
     """Another live ``sdtrain`` process holds the run folder's lock; the message names it (host,
     pid, SLURM job id)."""
+
+
+class RunInterrupted(BaseException):
+    """A run stopped by a signal before it finished.
+
+    A ``BaseException`` (as ``KeyboardInterrupt``), so that no ``except Exception`` on the way out
+    (a bad-sample counter, a retry) takes it for an ordinary error. ``checkpoint`` is the one
+    written for the stop (None: nothing had been trained since the last one, or no step ended in
+    time); ``requeued``: SLURM will restart the job, which resumes by itself.
+    """
+
+    def __init__(
+        self,
+        signum: int,
+        message: str,
+        step: int | None = None,
+        checkpoint: os.PathLike[str] | None = None,
+        requeued: bool = False,
+        received: tuple[int, ...] = (),
+    ) -> None:
+        self.signum = signum
+        self.received = received or (signum,)
+        """Every signal that came, in order."""
+        self.message = message
+        self.step = step
+        self.checkpoint = checkpoint
+        self.requeued = requeued
+        super().__init__(message)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when SLURM requeues the job, else 128 + the signal number (143 for SIGTERM)."""
+        return 0 if self.requeued else 128 + self.signum
+
+    def with_message(self, message: str) -> RunInterrupted:
+        return RunInterrupted(self.signum, message, self.step, self.checkpoint, self.requeued,
+                              self.received)  # fmt: skip

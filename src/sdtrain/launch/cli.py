@@ -4,7 +4,8 @@ Subcommands: ``fit``, ``sample``, ``export``, ``data make-shards|stats|preview|b
 ``smoke`` (end-to-end model check), ``config`` (validate and print a resolved config) and
 ``checkpoint inspect|convert`` (original-layout files). ``slurm`` arrives with the launch issue.
 
-Exit codes: 0 ok, 2 usage or config error, 1 run failure.
+Exit codes: 0 ok, 2 usage or config error (and a run folder another run holds), 1 run failure,
+128 + N a run stopped by signal N (143 SIGTERM, 130 SIGINT, 138 SIGUSR1) after checkpointing.
 """
 
 from __future__ import annotations
@@ -408,10 +409,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_while_starting() -> None:
+    """Until a run installs its own handlers (``trainer/preemption.py``: after the imports),
+    SIGTERM / SIGINT end it with a message instead of silently."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        from sdtrain.errors import RunInterrupted
+
+        name = signal.Signals(signum).name
+        raise RunInterrupted(signum, f"stopped by {name} while starting up (nothing trained)")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
+    from sdtrain.errors import RunInterrupted
+
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] in (["fit"], ["demo"]):
+        _stop_while_starting()
+    try:
+        return _run(argv)
+    except RunInterrupted as stop:
+        print(f"sdtrain {words[0]}: {stop}", file=sys.stderr)
+        return stop.exit_code
+
+
+def _run(argv: Sequence[str] | None) -> int:
     from sdtrain.data.shards import DataError
-    from sdtrain.errors import CheckpointError, WriteError
+    from sdtrain.errors import CheckpointError, RunFolderLocked, WriteError
     from sdtrain.trainer.module import NonFiniteError
 
     parser = build_parser()
@@ -420,6 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"sdtrain: config error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except RunFolderLocked as err:
+        print(f"sdtrain: {err}", file=sys.stderr)
         return EXIT_USAGE
     except WriteError as err:
         print(f"sdtrain: cannot write: {err}", file=sys.stderr)

@@ -59,6 +59,7 @@ from sdtrain.launch.demo_report import (
     write_report,
 )
 from sdtrain.trainer.experiment import ExperimentConfig
+from sdtrain.trainer.preemption import RunInterrupted, StopSignals, signal_name
 from sdtrain.utils.images import plot_losses, to_uint8
 from sdtrain.utils.progress import progress
 
@@ -117,10 +118,16 @@ class InterruptAt(pl.Callback):
 
     def __init__(self, step: int) -> None:
         self.step = step
+        self.sent = False
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
             os.kill(os.getpid(), signal.SIGUSR1)
+
+    def planned(self, stop: RunInterrupted) -> bool:
+        """Whether ``stop`` is this interruption alone (not a signal from outside as well)."""
+        return self.sent and stop.received == (signal.SIGUSR1,) and not stop.requeued
 
 
 @contextlib.contextmanager
@@ -235,8 +242,13 @@ class Demo:
         start = time.perf_counter()
         with quiet_data_log():
             if interrupt_at:
-                run = fit(stage_config(stage, overrides), callbacks=[InterruptAt(interrupt_at)])
-                self.note_interruption(run, interrupt_at)
+                interrupt = InterruptAt(interrupt_at)
+                try:
+                    fit(stage_config(stage, overrides), callbacks=[interrupt])
+                except RunInterrupted as stop:
+                    if not interrupt.planned(stop):
+                        raise  # a signal from outside ends the demo
+                self.note_interruption(self.out / stage, interrupt_at)
                 banner(f"{stage}: resuming the interrupted run with resume=auto")
                 overrides.append("resume=auto")
             run = fit(stage_config(stage, overrides))
@@ -336,6 +348,13 @@ class Demo:
     # --- all of it --------------------------------------------------------------------------
 
     def run(self) -> DemoResult:
+        """All stages. A signal from outside (SIGTERM, SIGINT, or a SIGUSR1 not the demo's own)
+        ends it with ``RunInterrupted``: inside a training stage after that stage's checkpoint,
+        elsewhere at once."""
+        with StopSignals():
+            return self._run()
+
+    def _run(self) -> DemoResult:
         start = time.perf_counter()
         os.environ.setdefault("WANDB_MODE", "offline")  # never reach for the network
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -380,7 +399,16 @@ def run_demo(
             )
         print(f"sdtrain demo: removing the earlier demo run in {out}")
         shutil.rmtree(out)
-    result = Demo(out, quick, seed).run()
+    demo = Demo(out, quick, seed)
+    try:
+        result = demo.run()
+    except RunInterrupted as stop:
+        done = ", ".join(s.name for s in demo.result.stages) or "none"
+        text = stop.message or f"stopped by {signal_name(stop.signum)}"
+        raise stop.with_message(
+            f"{text}. Stages finished: {done}. The demo does not continue a stopped run: "
+            f"`sdtrain demo --out {out} --overwrite` runs it again"
+        ) from None
     print()
     print(result.summary())
     return result

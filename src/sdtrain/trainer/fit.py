@@ -7,8 +7,11 @@ Layering: ``fit(cfg)`` -> ``prepare_run`` (folder, resume point) -> ``build_modu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -39,7 +42,15 @@ from sdtrain.trainer.checkpoints import (
 )
 from sdtrain.trainer.experiment import ExperimentConfig
 from sdtrain.trainer.module import LatentDiffusionModule, NonFiniteError, effective_batch_line
-from sdtrain.trainer.preemption import PreemptionCallback, check_allocation, in_slurm_step
+from sdtrain.trainer.preemption import (
+    PreemptionCallback,
+    RunInterrupted,
+    StopSignals,
+    check_allocation,
+    in_slurm_step,
+    signal_name,
+)
+from sdtrain.trainer.run_lock import RunLock
 from sdtrain.trainer.validation import validation_callbacks
 from sdtrain.utils import files
 
@@ -241,7 +252,10 @@ def deepspeed_strategy(stage: int, precision: str) -> pl.strategies.DeepSpeedStr
 
 
 def build_trainer(
-    cfg: ExperimentConfig, plan: RunPlan, callbacks: Sequence[Callback] = ()
+    cfg: ExperimentConfig,
+    plan: RunPlan,
+    callbacks: Sequence[Callback] = (),
+    signals: StopSignals | None = None,
 ) -> pl.Trainer:
     t = cfg.trainer
     strategy: Any = t.strategy
@@ -272,10 +286,11 @@ def build_trainer(
         logger=build_loggers(cfg, plan.dir),
         callbacks=[
             checkpoints,
-            PreemptionCallback(checkpoints.save),
             ThroughputMonitor(),
             *validation_callbacks(cfg, plan.dir),
             *callbacks,
+            # last: it acts once everything else is done with the step
+            PreemptionCallback(checkpoints.save, signals, lambda: newest_step(plan.checkpoints)),
         ],
         plugins=plugins,
         enable_checkpointing=False,
@@ -288,23 +303,42 @@ def build_trainer(
 
 
 def fit(cfg: ExperimentConfig, callbacks: Sequence[Callback] = ()) -> Path:
-    """Train as configured (``callbacks`` join the trainer's own); returns the run folder."""
+    """Train as configured (``callbacks`` join the trainer's own); returns the run folder.
+
+    A signal (SIGTERM, SIGINT, SIGUSR1) stops the run with ``RunInterrupted`` after a checkpoint
+    when it has trained since the last one (``trainer/preemption.py``); inside a SLURM step,
+    SIGUSR1 / SIGTERM requeue the job instead and ``fit`` returns. While it runs, rank 0 holds the
+    run folder's lock (``trainer/run_lock.py``): a second run on the folder fails at once.
+    """
     # The frozen autoencoder and text encoder are in eval mode on purpose.
     warnings.filterwarnings(
         "ignore", message=r".*module\(s\) in eval mode at the start of training"
     )
     # Outside SLURM, Lightning warns whenever an `srun` binary exists on the machine.
     warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
-    check_allocation(cfg.trainer.devices, cfg.trainer.num_nodes)
+    folder = run_dir(cfg)
+    with StopSignals() as signals:
+        try:
+            check_allocation(cfg.trainer.devices, cfg.trainer.num_nodes)
+            # Only one process locks and tidies the folder; under srun every rank runs this.
+            lock = RunLock(folder) if _launch_rank() == 0 else contextlib.nullcontext()
+            with lock:
+                return _fit(cfg, callbacks, signals, getattr(lock, "notes", []))
+        except RunInterrupted as stop:
+            raise stop.with_message(stop_message(stop, folder)) from None
+
+
+def _fit(
+    cfg: ExperimentConfig, callbacks: Sequence[Callback], signals: StopSignals, notes: list[str]
+) -> Path:
     from sdtrain.data.pipeline import check_shards
 
     check_shards(cfg.data, cfg.trainer.num_nodes * cfg.trainer.devices)
     plan = prepare_run(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    # Only one process tidies the folder; under srun every rank runs this function.
-    notes = ready_run_folder(plan) if _launch_rank() == 0 else []
+    notes = [*notes, *ready_run_folder(plan)] if _launch_rank() == 0 else []
     module = build_module(cfg)
-    trainer = build_trainer(cfg, plan, callbacks)
+    trainer = build_trainer(cfg, plan, callbacks, signals)
     if trainer.is_global_zero:
         files.write_text(plan.dir / "config.yaml", to_yaml(cfg))
         print(f"sdtrain fit: {cfg.model.name} -> {plan.dir}")
@@ -325,7 +359,44 @@ def fit(cfg: ExperimentConfig, callbacks: Sequence[Callback] = ()) -> Path:
         raise NonFiniteError(f"{err} {where}") from None
     finally:
         finish_loggers(trainer)
+    unfinished = trainer.global_step < cfg.trainer.max_steps
+    if signals.stopped or (signals.received and unfinished):
+        if signals.requeued:
+            name = signal_name(signals.signum or signal.SIGTERM)
+            print(f"sdtrain fit: stopped at step {trainer.global_step} for {name}; SLURM requeues "
+                  "the job, which resumes from the newest checkpoint", file=sys.stderr)  # fmt: skip
+            return plan.dir
+        stop = signals.interrupted() if signals.received else None
+        raise stop or RunInterrupted(signal.SIGTERM, "another rank was signalled",
+                                     step=trainer.global_step)  # fmt: skip
     return plan.dir
+
+
+def newest_step(folder: Path) -> int:
+    """The step of the newest checkpoint in ``folder`` (0: none)."""
+    found = step_checkpoints(folder)
+    return found[-1][0] if found else 0
+
+
+def stop_message(stop: RunInterrupted, folder: Path) -> str:
+    """What a signalled run saved and how to continue it."""
+    found = step_checkpoints(folder / "checkpoints")
+    name = signal_name(stop.signum)
+    where = f" at step {stop.step}" if stop.step is not None else " while setting up"
+    text = f"stopped by {name}{where}"
+    if stop.message:
+        text += f" ({stop.message})"
+    if found and stop.step is not None and found[-1][0] == stop.step:
+        text += f"; checkpoint {found[-1][1]} written"
+    elif found:
+        text += f"; nothing trained since the newest checkpoint, {found[-1][1]}"
+    else:
+        text += "; no checkpoint (nothing was trained)"
+    if stop.requeued:
+        return text + "; SLURM requeues the job, which resumes from it"
+    if found and (folder / "config.yaml").is_file():
+        return text + f". Continue with: sdtrain fit --config {folder / 'config.yaml'} resume=auto"
+    return text + ". Nothing to continue: start the run again"
 
 
 def _launch_rank() -> int:
