@@ -53,12 +53,16 @@ def test_field_fallbacks_and_comparisons() -> None:
 
 def test_missing_fields_follow_the_policy() -> None:
     no_score = {k: v for k, v in GOOD.items() if k != "AESTHETIC_SCORE"}
-    assert reason(no_score) == "aesthetic"
+    # Issue 11: the default keeps samples without a score (what make-shards writes); the LAION
+    # recipes in configs/data reject them explicitly.
+    strict = ThresholdFilter(fields=["AESTHETIC_SCORE", "aesthetic"], value=5.0, missing="reject")
+    assert reason(no_score, aesthetic=strict) == "aesthetic"
+    assert reason(no_score) is None
     keep = ThresholdFilter(fields=["AESTHETIC_SCORE"], value=5.0, missing="keep")
     assert reason(no_score, aesthetic=keep) is None
-    assert reason({**GOOD, "AESTHETIC_SCORE": None}) == "aesthetic"
-    assert reason({**GOOD, "AESTHETIC_SCORE": "high"}) == "aesthetic"
-    assert reason({**GOOD, "AESTHETIC_SCORE": float("nan")}) == "aesthetic"
+    assert reason({**GOOD, "AESTHETIC_SCORE": None}, aesthetic=strict) == "aesthetic"
+    assert reason({**GOOD, "AESTHETIC_SCORE": "high"}, aesthetic=strict) == "aesthetic"
+    assert reason({**GOOD, "AESTHETIC_SCORE": float("nan")}, aesthetic=strict) == "aesthetic"
     no_size = {k: v for k, v in GOOD.items() if not k.startswith("original")}
     assert reason(no_size) == "size"
     assert reason(no_size, size_missing="keep") is None

@@ -237,8 +237,10 @@ def test_unreachable_shards_only_is_an_error_not_a_hang(tmp_path: Path) -> None:
 
 
 def test_too_few_shards_for_ranks_times_workers(shard_dir: Path) -> None:
-    tars = sorted(str(p) for p in shard_dir.glob("*.tar"))[:3]
-    with pytest.raises(DataError, match=r"3 shard.*2 rank.*2 dataloader"):
+    # Issue 10: fewer shards than ranks x workers runs fewer workers (tests/test_data_reliability
+    # .py); fewer shards than ranks stays an error.
+    tars = sorted(str(p) for p in shard_dir.glob("*.tar"))[:1]
+    with pytest.raises(DataError, match=r"1 shard.*2 rank.*2 dataloader"):
         LaionLoader(small_cfg(tars, num_workers=2), rank=0, world_size=2)
 
 

@@ -1,7 +1,10 @@
 """Typed configuration of the LAION WebDataset loader: shards, filters, images, masks, depth.
 
-Defaults follow the Stable Diffusion recipes described in the seeds: 512 px, aesthetic score
->= 5.0 (SD 1.5 used > 5.0, SD 2 >= 4.5), pwatermark < 0.5, punsafe < 0.1, original size >= 512.
+Default thresholds follow the Stable Diffusion recipes described in the seeds: 512 px, aesthetic
+score >= 5.0 (SD 1.5 used > 5.0, SD 2 >= 4.5), pwatermark < 0.5, punsafe < 0.1, original size
+>= 512. A sample without a score is kept by default, so that shards without LAION metadata (what
+``sdtrain data make-shards`` writes from a plain folder) train as they are; the LAION recipes in
+``configs/data/`` reject such samples explicitly (``missing: reject``).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sdtrain.errors import ConfigError
+from sdtrain.utils.checks import require_finite, require_range
 
 Comparison = Literal[">", ">=", "<", "<=", "=="]
 MissingPolicy = Literal["keep", "reject"]
@@ -27,10 +31,12 @@ class ThresholdFilter:
     """How the field's value must compare with ``value`` for the sample to be kept."""
     value: float = 0.0
     """The threshold."""
-    missing: MissingPolicy = "reject"
-    """What happens when none of ``fields`` is present (or the value is null / not a number)."""
+    missing: MissingPolicy = "keep"
+    """What happens when none of ``fields`` is present (or the value is null / not a number):
+    ``keep`` (default: shards without LAION scores pass) or ``reject`` (the LAION recipes)."""
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.enabled and not self.fields:
             raise ConfigError("an enabled filter needs at least one field name", key="fields")
 
@@ -94,6 +100,7 @@ class ImageConfig:
         return self.width or self.size
 
     def __post_init__(self) -> None:
+        require_finite(self)
         for key in ("size", "width"):
             value = getattr(self, key)
             if value < 0 or value % 8 or (key == "size" and value == 0):
@@ -122,6 +129,7 @@ class MaskConfig:
     """LaMa only: relative odds of the irregular, box and outpainting kinds (one per sample)."""
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if not 0 <= self.full_mask_p <= 1:
             raise ConfigError("must be a probability in [0, 1]", key="full_mask_p")
         weights = self.lama_weights
@@ -177,6 +185,10 @@ class DataConfig:
     """Stop the run when more than this fraction of the samples seen are unreadable ..."""
     error_rate_min_samples: int = 1000
     """... once at least this many samples have been seen."""
+    on_changed_shards: Literal["error", "skip"] = "error"
+    """On resume, when samples of the saved shuffle buffer are gone from their shards (a shard
+    truncated or rewritten since the checkpoint): stop with an error naming the shards, or drop
+    those samples from the restored buffer, log how many, and carry on."""
     seed: int = 0
     """Seed of shard order, shuffling, crops, flips and masks."""
 
@@ -189,3 +201,5 @@ class DataConfig:
             raise ConfigError("must be >= 0", key="shuffle_buffer")
         if not 0 <= self.max_error_rate <= 1:
             raise ConfigError("must be a fraction in [0, 1]", key="max_error_rate")
+        require_range(self, "error_rate_min_samples", low=0)
+        require_range(self, "seed", low=0, high=2**32 - 1)

@@ -11,11 +11,11 @@ import math
 import operator
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdtrain.data.config import FilterConfig, ThresholdFilter
+from sdtrain.data.config import DataConfig, FilterConfig, ThresholdFilter
 
 _COMPARE: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
@@ -25,6 +25,7 @@ _COMPARE: dict[str, Callable[[float, float], bool]] = {
     "==": operator.eq,
 }
 _RECENT_ERRORS = 20
+_THRESHOLDS = ("aesthetic", "watermark", "unsafe")
 
 
 @dataclass
@@ -38,14 +39,19 @@ class DataStats:
     rejected: Counter = field(default_factory=Counter)
     """Filter reason -> count (``aesthetic``, ``watermark``, ``unsafe``, ``size``, ``caption``,
     ``blocklist``, ``depth``)."""
+    missing: Counter = field(default_factory=Counter)
+    """Of those, the ones rejected because the field the filter reads was absent (reason ->
+    count): the ``missing`` policies, not the thresholds, decided them."""
     errors: Counter = field(default_factory=Counter)
     """Error kind -> count (``bad_image``, ``bad_json``, ``missing_image``, ``missing_caption``,
     ``bad_depth``, ``shard_unreadable``, ``shard_truncated``)."""
     recent_errors: list[str] = field(default_factory=list)
     """The last few errors as ``kind: shard/key: reason`` for logs."""
 
-    def reject(self, reason: str) -> None:
+    def reject(self, reason: str, missing: bool = False) -> None:
         self.rejected[reason] += 1
+        if missing:
+            self.missing[reason] += 1
 
     def error(self, kind: str, where: str, reason: str) -> None:
         self.errors[kind] += 1
@@ -62,6 +68,7 @@ class DataStats:
             seen=self.seen + other.seen,
             kept=self.kept + other.kept,
             rejected=self.rejected + other.rejected,
+            missing=self.missing + other.missing,
             errors=self.errors + other.errors,
             recent_errors=(self.recent_errors + other.recent_errors)[-_RECENT_ERRORS:],
         )
@@ -72,6 +79,7 @@ class DataStats:
             "seen": self.seen,
             "kept": self.kept,
             "rejected": dict(sorted(self.rejected.items())),
+            "missing": dict(sorted(self.missing.items())),
             "errors": dict(sorted(self.errors.items())),
             "recent_errors": list(self.recent_errors),
         }
@@ -82,6 +90,7 @@ class DataStats:
             seen=int(data.get("seen", 0)),
             kept=int(data.get("kept", 0)),
             rejected=Counter(data.get("rejected", {})),
+            missing=Counter(data.get("missing", {})),
             errors=Counter(data.get("errors", {})),
             recent_errors=list(data.get("recent_errors", [])),
         )
@@ -100,38 +109,100 @@ class MetadataFilter:
 
     def __init__(self, cfg: FilterConfig) -> None:
         self.cfg = cfg
-        self.thresholds = [
-            ("aesthetic", cfg.aesthetic),
-            ("watermark", cfg.watermark),
-            ("unsafe", cfg.unsafe),
-        ]
+        self.thresholds = [(name, getattr(cfg, name)) for name in _THRESHOLDS]
         words = [re.escape(word.strip().lower()) for word in cfg.blocklist if word.strip()]
         self.blocklist = re.compile(rf"\b(?:{'|'.join(words)})\b") if words else None
 
     def rejection(self, meta: Mapping[str, Any], caption: str) -> str | None:
         """The first filter that rejects the sample, or None when it is kept."""
+        verdict = self.verdict(meta, caption)
+        return None if verdict is None else verdict[0]
+
+    def verdict(self, meta: Mapping[str, Any], caption: str) -> tuple[str, bool] | None:
+        """``(reason, missing)`` of the first filter that rejects the sample (``missing``: the
+        field it reads was absent), or None when it is kept."""
         for reason, rule in self.thresholds:
-            if rule.enabled and not self._passes(rule, meta):
-                return reason
-        if self.cfg.min_size and not self._size_ok(meta):
-            return "size"
+            if rule.enabled:
+                passed = self._passes(rule, meta)
+                if not passed:
+                    return reason, passed is None
+        if self.cfg.min_size:
+            size_ok = self._size_ok(meta)
+            if not size_ok:
+                return "size", size_ok is None
         if self.cfg.require_caption and not caption:
-            return "caption"
+            return "caption", True
         if self.blocklist is not None and self.blocklist.search(caption.lower()):
-            return "blocklist"
+            return "blocklist", False
         return None
 
     @staticmethod
-    def _passes(rule: ThresholdFilter, meta: Mapping[str, Any]) -> bool:
+    def _passes(rule: ThresholdFilter, meta: Mapping[str, Any]) -> bool | None:
+        """The comparison's result; for an absent field, True (``keep``) or None (``reject``)."""
         for name in rule.fields:
             value = _number(meta.get(name))
             if value is not None:
                 return _COMPARE[rule.comparison](value, rule.value)
-        return rule.missing == "keep"
+        return True if rule.missing == "keep" else None
 
-    def _size_ok(self, meta: Mapping[str, Any]) -> bool:
+    def _size_ok(self, meta: Mapping[str, Any]) -> bool | None:
         for w_key, h_key in (("original_width", "original_height"), ("width", "height")):
             width, height = _number(meta.get(w_key)), _number(meta.get(h_key))
             if width is not None and height is not None:
                 return min(width, height) >= self.cfg.min_size
-        return self.cfg.size_missing == "keep"
+        return True if self.cfg.size_missing == "keep" else None
+
+
+def explain_rejections(
+    stats: DataStats, cfg: DataConfig, reasons: Collection[str] | None = None
+) -> str:
+    """Which filters rejected the samples counted in ``stats`` (only ``reasons``, if given), and
+    the key that changes each, most frequent first; then the errors by kind."""
+    parts = []
+    for reason, count in stats.rejected.most_common():
+        if reasons is not None and reason not in reasons:
+            continue
+        missing = stats.missing.get(reason, 0)
+        parts.append(f"{reason} {count} ({_advice(reason, missing, count, cfg)})")
+    text = "rejected by " + "; ".join(parts) if parts else "no sample was rejected by a filter"
+    if stats.errors:
+        text += f"; unusable (errors) by kind: {dict(stats.errors.most_common())}"
+        if stats.recent_errors:
+            text += f", e.g. {stats.recent_errors[-1]}"
+    return text
+
+
+def _advice(reason: str, missing: int, count: int, cfg: DataConfig) -> str:
+    filters = cfg.filters
+    key = f"data.filters.{reason}"
+    rule: ThresholdFilter | None = getattr(filters, reason, None) if reason in _THRESHOLDS else None
+    notes = []
+    if rule is not None:
+        if missing:
+            notes.append(
+                f"{missing} without any of the fields {rule.fields}: set {key}.missing=keep"
+            )
+        if count > missing:
+            notes.append(
+                f"{count - missing} failed {rule.fields[0]} {rule.comparison} {rule.value:g}: "
+                f"change {key}.value"
+            )
+        notes.append(f"or {key}.enabled=false")
+    elif reason == "size":
+        if missing:
+            notes.append(f"{missing} without width/height: set data.filters.size_missing=keep")
+        if count > missing:
+            notes.append(
+                f"{count - missing} smaller than data.filters.min_size={filters.min_size}: "
+                "lower it (0 disables)"
+            )
+    elif reason == "caption":
+        notes.append("blank caption: set data.filters.require_caption=false")
+    elif reason == "blocklist":
+        notes.append("caption holds a word of data.filters.blocklist")
+    elif reason == "depth":
+        notes.append(
+            f"no depth member ({'/'.join(cfg.depth.keys)}): use shards with depth maps, or set "
+            "data.depth.missing=keep to train on zero maps"
+        )
+    return "; ".join(notes) or reason

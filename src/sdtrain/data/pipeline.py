@@ -21,8 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import signal
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,12 +30,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from sdtrain.data.config import DataConfig
-from sdtrain.data.filters import DataStats, MetadataFilter
+from sdtrain.data.filters import DataStats, MetadataFilter, explain_rejections
 from sdtrain.data.masks import build_mask_generator
 from sdtrain.data.shards import (
     DataError,
     RawSample,
     ShardReadError,
+    check_local_shards,
     expand_shards,
     iter_samples,
     shard_name,
@@ -48,10 +48,16 @@ from sdtrain.data.transforms import (
     load_image,
     normalize_caption,
 )
+from sdtrain.data.workers import WorkerControl
+from sdtrain.errors import ConfigError
 
 log = logging.getLogger("sdtrain.data")
 
 STATE_KEY = "__state__"
+ERROR_KEY = "__error__"
+DRAW_TIME_REASONS = ("depth",)
+"""Rejections decided after the shuffle buffer (when the sample is decoded), not by metadata."""
+END_KEY = "__end__"
 LOADER_STATE_KEY = "__loader_state__"
 WORKER_KEY = "__worker__"
 SampleRef = tuple[int, int, int]  # (epoch, position in the worker's shard list, index in shard)
@@ -63,21 +69,37 @@ SampleRef = tuple[int, int, int]  # (epoch, position in the worker's shard list,
 
 
 class ShardPlan:
-    """Shard lists of every (rank, worker) per epoch: a seeded permutation, dealt round-robin."""
+    """Shard lists of every (rank, worker) per epoch: a seeded permutation, dealt round-robin.
+
+    Every stream needs a shard of its own, so a rank runs at most as many workers as it has
+    shards (``workers`` may be below the ``requested`` number: one shard, one worker); more ranks
+    than shards is an error.
+    """
 
     def __init__(self, urls: list[str], cfg: DataConfig, rank: int, world_size: int, workers: int):
         self.urls = urls
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
-        self.workers = max(workers, 1)
-        streams = self.world_size * self.workers
-        if len(urls) < streams:
+        self.requested = max(workers, 1)
+        if len(urls) < world_size:
             raise DataError(
-                f"{len(urls)} shard(s) for {world_size} rank(s) x {self.workers} dataloader "
-                f"worker(s) = {streams} streams: every stream needs at least one shard. Use more "
-                "(smaller) shards or fewer data.num_workers."
+                f"{len(urls)} shard(s) for {world_size} rank(s) x {self.requested} dataloader "
+                "worker(s): every rank needs at least one shard of its own. Use more (smaller) "
+                "shards or fewer ranks (trainer.devices x trainer.num_nodes)."
             )
+        # The same count on every rank, so that the deal below is the same everywhere.
+        self.workers = min(self.requested, len(urls) // world_size)
+
+    def reduction_note(self) -> str | None:
+        """A line for the log when fewer workers run than ``data.num_workers`` asked for."""
+        if self.workers == self.requested:
+            return None
+        return (
+            f"{len(self.urls)} shard(s) for {self.world_size} rank(s): using {self.workers} "
+            f"dataloader worker(s) per rank instead of data.num_workers={self.cfg.num_workers} "
+            "(every worker reads shards of its own; more shards allow more workers)"
+        )
 
     def worker_shards(self, epoch: int, worker: int) -> list[int]:
         """Indices into ``urls`` read by ``worker`` of this rank in ``epoch``."""
@@ -135,6 +157,20 @@ class WorkerPosition:
         return cls(**{**data, "buffer": [tuple(ref) for ref in data.get("buffer", [])]})
 
 
+class _Stopped(Exception):
+    """The loader is shutting its workers down: the stream ends early."""
+
+
+@dataclass
+class _Pass:
+    """One pass (epoch) of a worker, read from its start: samples that passed the filters and,
+    of those drawn from the buffer, how many were unusable (no usable one seen yet)."""
+
+    passed: int = 0
+    unusable: int = 0
+    read_done: bool = False
+
+
 @dataclass
 class _Pending:
     """A sample that passed the filters, waiting in the shuffle buffer."""
@@ -148,11 +184,22 @@ class _Pending:
 class WorkerStream:
     """Reads, filters, shuffles and decodes the samples of one worker, batch by batch."""
 
-    def __init__(self, cfg: DataConfig, plan: ShardPlan, worker: int, position: WorkerPosition):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        plan: ShardPlan,
+        worker: int,
+        position: WorkerPosition,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.cfg = cfg
         self.plan = plan
         self.worker = worker
         self.pos = position
+        self.stopping = stopping
+        """True once the loader shuts its workers down: the stream ends at the next sample."""
+        self.passes: dict[int, _Pass] = {}
+        """The passes (epochs) this stream reads from their start, until one sample is usable."""
         self.stats = DataStats.from_dict(position.stats)
         self.filter = MetadataFilter(cfg.filters)
         self.rng = np.random.default_rng([cfg.seed, plan.rank, worker])
@@ -175,12 +222,17 @@ class WorkerStream:
         url = self.plan.urls[url_index]
         try:
             for raw in iter_samples(url):
+                if self.stopping():
+                    raise _Stopped
                 if raw.index >= skip:
                     yield raw
         except ShardReadError as err:
-            kind = "shard_truncated" if "truncated" in str(err) else "shard_unreadable"
-            self.stats.seen += 1
-            self._error(kind, shard_name(url), str(err))
+            self._shard_error(url, err)
+
+    def _shard_error(self, url: str, err: ShardReadError) -> None:
+        kind = "shard_truncated" if "truncated" in str(err) else "shard_unreadable"
+        self.stats.seen += 1
+        self._error(kind, shard_name(url), str(err))
 
     def _parse(self, raw: RawSample, url: str) -> str | None:
         """The normalised caption if the sample passes the filters, else None (counted)."""
@@ -205,9 +257,9 @@ class WorkerStream:
             return None
         else:
             caption = ""
-        reason = self.filter.rejection(meta, caption)
-        if reason is not None:
-            self.stats.reject(reason)
+        verdict = self.filter.verdict(meta, caption)
+        if verdict is not None:
+            self.stats.reject(*verdict)
             return None
         return caption
 
@@ -220,6 +272,11 @@ class WorkerStream:
             self.pos.shard_pos = self.pos.sample_pos = 0
         while True:
             shards = self._shards(self.pos.epoch)
+            # Only a pass read from its start here can tell that the whole pass yields nothing.
+            whole = self.pos.shard_pos == 0 and self.pos.sample_pos == 0
+            tally = _Pass()
+            if whole:
+                self.passes[self.pos.epoch] = tally
             while self.pos.shard_pos < len(shards):
                 url_index = shards[self.pos.shard_pos]
                 for raw in self._read_shard(url_index, self.pos.sample_pos):
@@ -230,31 +287,54 @@ class WorkerStream:
                     caption = self._parse(raw, self.plan.urls[url_index])
                     if caption is not None:
                         kept_this_epoch += 1
+                        tally.passed += 1
                         ref = (self.pos.epoch, self.pos.shard_pos, raw.index)
                         yield _Pending(ref, url_index, raw, caption)
                 self.pos.shard_pos += 1
                 self.pos.sample_pos = 0
-            self._check_progress(len(shards), read_this_epoch, kept_this_epoch)
+            if whole:
+                self._check_pass(len(shards), read_this_epoch, tally)
             if not self.cfg.resampled:
                 return
             self.pos.epoch += 1
             self.pos.shard_pos = 0
             read_this_epoch = kept_this_epoch = 0
 
-    def _check_progress(self, shards: int, read: int, kept: int) -> None:
-        """A full pass that read nothing (or kept nothing) would loop forever in infinite mode."""
-        if read == 0 and self.pos.sample_pos == 0:
+    def _check_pass(self, shards: int, read: int, tally: _Pass) -> None:
+        """A full pass that read nothing (or kept nothing) would loop forever in infinite mode
+        (in epoch mode the loader tells whether the rank as a whole yielded nothing)."""
+        if read == 0:
             raise DataError(
                 f"worker {self.worker} of rank {self.plan.rank}: none of its {shards} shard(s) "
                 f"could be read in epoch {self.pos.epoch}. Recent errors: "
                 + "; ".join(self.stats.recent_errors[-3:])
             )
-        if kept == 0 and read > 0 and self.cfg.resampled:
+        tally.read_done = True
+        if tally.passed == 0 and self.cfg.resampled:
             raise DataError(
                 f"worker {self.worker} of rank {self.plan.rank}: no sample of {read} passed the "
-                f"filters in a full pass over {shards} shard(s) (rejected: "
-                f"{dict(self.stats.rejected)}, errors: {dict(self.stats.errors)}); check "
-                "data.filters against the shards' metadata"
+                f"filters in a full pass over its {shards} shard(s); "
+                + explain_rejections(self.stats, self.cfg)
+            )
+        if tally.passed == 0:
+            self.passes.pop(self.pos.epoch, None)
+
+    def _count_drawn(self, pending: _Pending, usable: bool) -> None:
+        """After a sample left the buffer: a pass whose every sample that passed the filters
+        proved unusable (no depth map, broken images) yields nothing; infinite mode would spin."""
+        epoch = pending.ref[0]
+        tally = self.passes.get(epoch)
+        if tally is None:
+            return
+        if usable:
+            del self.passes[epoch]  # this pass yields something: no more to check
+            return
+        tally.unusable += 1
+        if tally.read_done and tally.unusable == tally.passed and self.cfg.resampled:
+            raise DataError(
+                f"worker {self.worker} of rank {self.plan.rank}: none of the {tally.passed} "
+                f"sample(s) that passed the filters in a full pass could be used; "
+                + explain_rejections(self.stats, self.cfg, reasons=DRAW_TIME_REASONS)
             )
 
     def _restore_buffer(self) -> list[_Pending]:
@@ -266,20 +346,43 @@ class WorkerStream:
         for (epoch, shard_pos), indices in wanted.items():
             url_index = self._shards(epoch)[shard_pos]
             url = self.plan.urls[url_index]
-            for raw in iter_samples(url):
-                if raw.index in indices:
-                    ref = (epoch, shard_pos, raw.index)
-                    caption = self._parse_quietly(raw, url)
-                    found[ref] = _Pending(ref, url_index, raw, caption)
-                    if len(found) == len(self.pos.buffer):
-                        break
+            try:
+                for raw in iter_samples(url):
+                    if self.stopping():
+                        raise _Stopped
+                    if raw.index in indices:
+                        ref = (epoch, shard_pos, raw.index)
+                        caption = self._parse_quietly(raw, url)
+                        found[ref] = _Pending(ref, url_index, raw, caption)
+                        if len(found) == len(self.pos.buffer):
+                            break
+            except ShardReadError as err:
+                self._shard_error(url, err)
         missing = [ref for ref in self.pos.buffer if ref not in found]
         if missing:
+            self._changed_shards(missing)
+        return [found[ref] for ref in self.pos.buffer if ref in found]
+
+    def _changed_shards(self, missing: list[SampleRef]) -> None:
+        """Samples of the saved buffer that are gone from their shards: an error, or with
+        ``data.on_changed_shards=skip`` dropped from the buffer (the rest resumes as saved)."""
+        shards = sorted(
+            {shard_name(self.plan.urls[self._shards(epoch)[pos]]) for epoch, pos, _ in missing}
+        )
+        what = (
+            f"{len(missing)} of the {len(self.pos.buffer)} samples in the saved shuffle buffer "
+            f"of worker {self.worker} of rank {self.plan.rank} are no longer in their shards "
+            f"({', '.join(shards[:3])}{' ...' if len(shards) > 3 else ''}): the shards changed "
+            "since the checkpoint"
+        )
+        if self.cfg.on_changed_shards == "error":
             raise DataError(
-                f"cannot resume worker {self.worker}: samples {missing[:3]} of its saved shuffle "
-                "buffer are no longer in their shards (were the shards changed?)"
+                f"cannot resume: {what}. Restore the shards, or set data.on_changed_shards=skip "
+                "to drop those samples and carry on."
             )
-        return [found[ref] for ref in self.pos.buffer]
+        log.warning("%s; dropped them (data.on_changed_shards=skip) and carrying on", what)
+        gone = set(missing)
+        self.pos.buffer = [ref for ref in self.pos.buffer if ref not in gone]
 
     def _parse_quietly(self, raw: RawSample, url: str) -> str:
         """Caption of a sample that passed the filters before; counted already, so not again."""
@@ -352,7 +455,7 @@ class WorkerStream:
         suffix = next((k for k in cfg.keys if k in raw.members), None)
         if suffix is None:
             if cfg.missing == "reject":
-                self.stats.reject("depth")
+                self.stats.reject("depth", missing=True)
                 return None
             return torch.zeros(1, self.cfg.image.height, self.cfg.image.out_width)
         try:
@@ -367,6 +470,7 @@ class WorkerStream:
         batch: list[dict[str, Any]] = []
         for pending in self._shuffled():
             sample = self._prepare(pending)
+            self._count_drawn(pending, usable=sample is not None)
             if sample is None:
                 continue
             batch.append(sample)
@@ -379,11 +483,15 @@ class WorkerStream:
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         out = default_collate(samples)
-        self.pos.rng = self.rng.bit_generator.state
-        self.pos.stats = self.stats.to_dict()
-        out[STATE_KEY] = self.pos.to_dict()
+        out[STATE_KEY] = self.snapshot()
         out[WORKER_KEY] = self.worker
         return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """The position now, generator state and counters included."""
+        self.pos.rng = self.rng.bit_generator.state
+        self.pos.stats = self.stats.to_dict()
+        return self.pos.to_dict()
 
     # --- errors -----------------------------------------------------------------------------
 
@@ -417,15 +525,29 @@ class WorkerStream:
 
 
 class LaionDataset(IterableDataset):
-    """What each DataLoader worker runs: its ``WorkerStream``, batches included."""
+    """What each DataLoader worker runs: its ``WorkerStream``, batches included.
+
+    Besides batches a worker sends two kinds of item the loader consumes itself: a data error
+    (``ERROR_KEY``, raised again by the loader as a ``DataError`` without the worker's
+    traceback) and, in epoch mode, its position at the end of its pass (``END_KEY``).
+    """
 
     def __init__(
-        self, cfg: DataConfig, plan: ShardPlan, positions: dict[int, WorkerPosition], rotation: int
+        self,
+        cfg: DataConfig,
+        plan: ShardPlan,
+        positions: dict[int, WorkerPosition],
+        rotation: int,
+        control: WorkerControl | None = None,
+        finished: frozenset[int] = frozenset(),
     ) -> None:
         self.cfg = cfg
         self.plan = plan
         self.positions = positions
         self.rotation = rotation
+        self.control = control
+        self.finished = finished
+        """Workers whose pass ended before the checkpoint this iteration resumes: they stay done."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -434,14 +556,50 @@ class LaionDataset(IterableDataset):
         # DataLoader always starts its round-robin at worker 0.
         worker = (physical + self.rotation) % self.plan.workers
         position = self.positions.get(worker, WorkerPosition())
-        yield from WorkerStream(self.cfg, self.plan, worker, position).batches()
+        stopping = self.control.stopping if self.control is not None else (lambda: False)
+        stream = WorkerStream(self.cfg, self.plan, worker, position, stopping)
+        try:
+            if worker not in self.finished:
+                yield from stream.batches()
+        except _Stopped:
+            return
+        except DataError as err:
+            yield {ERROR_KEY: str(err)}
+            return
+        if not self.cfg.resampled:
+            yield {END_KEY: True, STATE_KEY: stream.snapshot(), WORKER_KEY: worker}
 
 
-def ignore_preemption_signals(worker_id: int) -> None:
-    """SLURM signals every process of a job step: the workers must leave SIGUSR1 / SIGTERM to
-    the trainer (which checkpoints and requeues), not die of them and take the run down."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+_NOTED: set[str] = set()
+
+
+def check_shards(cfg: DataConfig, world_size: int) -> ShardPlan:
+    """The start-up check of a training run, before any work: shards configured, listed, local
+    files present (``ConfigError``), at least one per rank (``DataError``). Rank 0's plan."""
+    if not cfg.shards:
+        raise ConfigError(
+            "no shards configured: point it at .tar shards (a folder, a file, a pattern)",
+            key="data.shards",
+        )
+    urls = expand_shards(cfg.shards)
+    check_local_shards(cfg.shards, urls)
+    return plan_shards(cfg, 0, world_size, urls)
+
+
+def plan_shards(
+    cfg: DataConfig, rank: int = 0, world_size: int = 1, urls: list[str] | None = None
+) -> ShardPlan:
+    """The shards listed and split for ``rank``: ``DataError`` when there are none or fewer
+    than ranks; a note in the log (once per process) when fewer workers run than configured."""
+    if not cfg.shards:
+        raise DataError("no shards configured: set data.shards")
+    urls = expand_shards(cfg.shards) if urls is None else urls
+    plan = ShardPlan(urls, cfg, rank, world_size, cfg.num_workers)
+    note = plan.reduction_note() if cfg.num_workers else None
+    if note is not None and note not in _NOTED:
+        _NOTED.add(note)
+        log.warning("%s", note)
+    return plan
 
 
 class LaionLoader:
@@ -467,10 +625,8 @@ class LaionLoader:
         pin_memory: bool = False,
         attach_state: bool = False,
     ) -> None:
-        if not cfg.shards:
-            raise DataError("no shards configured: set data.shards")
         self.cfg = cfg
-        self.plan = ShardPlan(expand_shards(cfg.shards), cfg, rank, world_size, cfg.num_workers)
+        self.plan = plan_shards(cfg, rank, world_size)
         self.pin_memory = pin_memory
         self.attach_state = attach_state
         self.positions: dict[int, WorkerPosition] = {}
@@ -480,23 +636,64 @@ class LaionLoader:
             self.restore(state)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        dataset = LaionDataset(self.cfg, self.plan, dict(self.positions), self.rotation)
+        finished = self._finished_workers()
+        # Epoch mode, resumed mid-pass: the workers done before the checkpoint stay done until
+        # the next iteration, as they would have without the interruption.
+        started = [p for w, p in self.positions.items() if w not in finished]
+        resumed_mid_pass = any(p.buffer or p.shard_pos or p.sample_pos for p in started)
+        workers = self.plan.workers if self.cfg.num_workers else 0
+        control = WorkerControl() if workers else None
+        dataset = LaionDataset(
+            self.cfg,
+            self.plan,
+            dict(self.positions),
+            self.rotation,
+            control,
+            finished if resumed_mid_pass else frozenset(),
+        )
         loader = DataLoader(
             dataset,
             batch_size=None,
-            num_workers=self.cfg.num_workers,
+            num_workers=workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
-            worker_init_fn=ignore_preemption_signals,
+            worker_init_fn=control,
         )
-        for batch in loader:
-            worker = int(batch.pop(WORKER_KEY))
-            self.positions[worker] = WorkerPosition.from_dict(batch.pop(STATE_KEY))
-            self.batches += 1
-            if self.attach_state:
-                # The trainer prefetches: it saves the state of the batch it trained on last.
-                batch[LOADER_STATE_KEY] = self.position()
-            yield batch
+        delivered = 0
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                if ERROR_KEY in batch:
+                    raise DataError(batch[ERROR_KEY])
+                worker = int(batch.pop(WORKER_KEY))
+                self.positions[worker] = WorkerPosition.from_dict(batch.pop(STATE_KEY))
+                if END_KEY in batch:
+                    continue
+                self.batches += 1
+                delivered += 1
+                if self.attach_state:
+                    # The trainer prefetches: it saves the state of the batch it trained on last.
+                    batch[LOADER_STATE_KEY] = self.position()
+                yield batch
+        finally:
+            if control is not None:
+                control.stop()  # before torch's shutdown, which ends busy workers by SIGTERM
+            del batches  # the last reference: the DataLoader shuts its workers down now
+        if not delivered and not resumed_mid_pass:
+            # Epoch mode: Lightning would start the next epoch, and the next, without end.
+            raise DataError(
+                f"a full pass over the {len(self.plan.urls)} shard(s) of rank {self.plan.rank} "
+                "yielded no sample; " + explain_rejections(self.stats, self.cfg)
+            )
+
+    def _finished_workers(self) -> frozenset[int]:
+        """Workers whose saved position is at the end of their pass with an empty buffer."""
+        done = set()
+        for worker, position in self.positions.items():
+            shards = self.plan.worker_shards(position.epoch, worker)
+            if not position.buffer and position.shard_pos >= len(shards):
+                done.add(worker)
+        return frozenset(done)
 
     @property
     def stats(self) -> DataStats:

@@ -1,7 +1,8 @@
 """Shard specs, shard streams and tar iteration, with bad shards counted instead of fatal.
 
-A spec is a brace pattern (``/data/laion/{00000..23999}.tar``), a path, a directory of ``.tar``
-files, ``@list.txt`` (one spec per line) or a ``pipe:`` command whose stdout is a tar stream
+A spec is a brace pattern (``/data/laion/{00000..23999}.tar``), a glob (``/data/laion/*.tar``,
+expanded here and sorted, for when the shell did not), a path, a directory of ``.tar`` files,
+``@list.txt`` (one spec per line) or a ``pipe:`` command whose stdout is a tar stream
 (``pipe:aws s3 cp s3://bucket/{00000..00999}.tar -``). ``http(s)://`` URLs are read through curl.
 
 Samples are the img2dataset layout: consecutive members sharing a key (the member name up to the
@@ -10,10 +11,16 @@ first dot of its basename), e.g. ``000000012.jpg`` + ``.txt`` + ``.json``.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
+import os
+import re
 import shlex
+import signal
 import subprocess
 import tarfile
+import weakref
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,9 +29,11 @@ from typing import Any, BinaryIO
 
 from braceexpand import braceexpand
 
-from sdtrain.errors import DataError
+from sdtrain.errors import ConfigError, DataError
 
 log = logging.getLogger("sdtrain.data")
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+_GLOB = re.compile(r"[*?[]")
 
 
 class ShardReadError(OSError):
@@ -55,7 +64,7 @@ def _expand_one(spec: str) -> list[str]:
         return [
             url for line in lines if line and not line.startswith("#") for url in _expand_one(line)
         ]
-    if spec.startswith(("pipe:", "http://", "https://", "s3://", "gs://")):
+    if spec.startswith(REMOTE_PREFIXES):
         return list(braceexpand(spec))
     path = Path(spec)
     if path.is_dir():
@@ -63,7 +72,38 @@ def _expand_one(spec: str) -> list[str]:
         if not tars:
             raise DataError(f"directory {path} holds no .tar shards")
         return tars
-    return list(braceexpand(spec))
+    paths = list(braceexpand(spec))
+    if not _GLOB.search(spec):
+        return paths
+    matches = [match for pattern in paths for match in sorted(glob.glob(pattern))]
+    if not matches:
+        raise ConfigError(f"no such file: {spec} (the pattern matches nothing)", key="data.shards")
+    return matches
+
+
+def check_local_shards(specs: Sequence[str], urls: Sequence[str]) -> None:
+    """At start-up: a ``ConfigError`` when none of the local shard files exists (a mistyped
+    path or pattern), a warning when some are missing (they are counted as unreadable while
+    training, as a shard deleted mid-run is)."""
+    local = [url for url in urls if not url.startswith(REMOTE_PREFIXES)]
+    missing = [url for url in local if not Path(url.removeprefix("file://")).is_file()]
+    if not missing:
+        return
+    if len(missing) == len(urls) == 1:
+        raise ConfigError(f"no such file: {missing[0]}", key="data.shards")
+    if len(missing) == len(urls):
+        raise ConfigError(
+            f"no such file: none of the {len(missing)} shard files named by {list(specs)!r} "
+            f"exists (first: {missing[0]})",
+            key="data.shards",
+        )
+    log.warning(
+        "%d of the %d shard files do not exist (first: %s); they are skipped and counted as "
+        "unreadable",
+        len(missing),
+        len(local),
+        missing[0],
+    )
 
 
 def shard_name(url: str) -> str:
@@ -76,14 +116,32 @@ def shard_name(url: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+_LIVE_PIPES: weakref.WeakSet[_PipeStream] = weakref.WeakSet()
+
+
+def kill_pipe_commands() -> None:
+    """SIGKILL the ``pipe:`` shard commands still running in this process (a loader worker
+    that is ending), whole process groups, so that none is left behind."""
+    for stream in list(_LIVE_PIPES):
+        if stream.process.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(stream.process.pid, signal.SIGKILL)
+
+
 class _PipeStream:
     """stdout of a shell command; closing it waits for the command and reports its failure."""
 
     def __init__(self, command: str) -> None:
         self.command = command
+        # A process group of its own, so that kill_pipe_commands reaches the shell's children.
         self.process = subprocess.Popen(
-            command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            command,
+            shell=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
+        _LIVE_PIPES.add(self)
         assert self.process.stdout is not None
         self.stdout: BinaryIO = self.process.stdout  # type: ignore[assignment]
 
