@@ -135,43 +135,38 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint_inspect(args: argparse.Namespace) -> int:
+    from sdtrain.models.adapters.diffusers import (
+        folder_summary,
+        is_diffusers_folder,
+        read_diffusers,
+    )
     from sdtrain.models.adapters.original import read_checkpoint, summarize
 
-    print(summarize(read_checkpoint(args.path)))
+    if is_diffusers_folder(args.path):
+        print(folder_summary(read_diffusers(args.path)))
+    else:
+        print(summarize(read_checkpoint(args.path)))
     return EXIT_OK
 
 
 def cmd_checkpoint_convert(args: argparse.Namespace) -> int:
-    from sdtrain.models.adapters.original import (
-        read_checkpoint,
-        widen_input_channels,
-        write_checkpoint,
-    )
+    from sdtrain.launch.export import convert_checkpoint
 
-    ckpt = read_checkpoint(args.src)
-    if not ckpt.unet:
-        raise ConfigError(f"{args.src} holds no UNet weights (model.diffusion_model.*)")
-    unet, ema = ckpt.unet, (ckpt.ema or None) if args.ema else None
-    if args.in_channels:
-        unet = widen_input_channels(unet, args.in_channels)
-        ema = widen_input_channels(ema, args.in_channels) if ema else None
-    out = write_checkpoint(
-        args.dst,
-        unet=unet,
-        vae=ckpt.vae or None,
-        text=ckpt.text or None,
-        ema=ema,
-        schedule=ckpt.schedule or None,
-        global_step=ckpt.global_step,
-    )
-    print(f"wrote {out}")
+    model = _load(args).model if args.config or args.overrides else None
+    written = convert_checkpoint(
+        args.src, args.dst, to=args.to, model=model,
+        in_channels=args.in_channels, ema=args.ema, dtype=args.dtype,
+    )  # fmt: skip
+    print(written)
     return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from sdtrain.launch.export import export_run
 
-    print(export_run(args.src, args.out, use_ema=args.ema, with_ema=args.with_ema).summary())
+    exported = export_run(args.src, args.out, use_ema=args.ema, with_ema=args.with_ema,
+                          format=args.format, dtype=args.dtype)  # fmt: skip
+    print(exported.summary())
     return EXIT_OK
 
 
@@ -323,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = ckpt_sub.add_parser(
         "inspect", help="list the parts of a .ckpt / .safetensors file (UNet, VAE, text, EMA)"
     )
-    inspect.add_argument("path", help="checkpoint file")
+    inspect.add_argument("path", help="checkpoint file or diffusers folder")
     inspect.set_defaults(func=cmd_checkpoint_inspect)
     convert = ckpt_sub.add_parser(
         "convert",
@@ -331,8 +326,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read an original-layout checkpoint (never executing pickled code) and write "
         "it in the original layout to DST; the suffix of DST picks the format.",
     )
-    convert.add_argument("src", help="input .ckpt or .safetensors")
-    convert.add_argument("dst", help="output .ckpt or .safetensors (written atomically)")
+    convert.add_argument("src", help="input .ckpt / .safetensors or diffusers folder")
+    convert.add_argument(
+        "dst", help="output .ckpt / .safetensors or new diffusers folder (written atomically)"
+    )
+    convert.add_argument(
+        "--to",
+        choices=("original", "diffusers"),
+        default=None,
+        help="output layout (default: original for a .ckpt/.safetensors DST, else diffusers); "
+        "original -> diffusers needs --config with the model config",
+    )
+    convert.add_argument(
+        "--dtype", choices=("fp16", "bf16", "fp32"), default=None, help="cast the weights"
+    )
     convert.add_argument(
         "--in-channels",
         type=int,
@@ -343,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--no-ema", dest="ema", action="store_false", help="leave the EMA weights out"
     )
+    _add_config_args(convert)
     convert.set_defaults(func=cmd_checkpoint_convert)
 
     export = sub.add_parser(
@@ -353,7 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
         "original layout. By default the EMA weights become the UNet, as in released files.",
     )
     export.add_argument("src", help="run folder (its newest step checkpoint) or step=N.ckpt")
-    export.add_argument("out", help="output .ckpt or .safetensors (the suffix picks the format)")
+    export.add_argument(
+        "out", help="output .ckpt / .safetensors (the suffix picks), or a folder (diffusers)"
+    )
+    export.add_argument(
+        "--format",
+        choices=("original", "diffusers"),
+        default="original",
+        help="original single file (default) or a diffusers folder with model_index.json",
+    )
+    export.add_argument(
+        "--dtype", choices=("fp16", "bf16", "fp32"), default=None, help="cast the weights"
+    )
     weights = export.add_mutually_exclusive_group()
     weights.add_argument(
         "--ema", action="store_true", default=None, help="UNet = EMA (default when there is one)"
@@ -372,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
         "original-layout file needs --config with its model config.",
     )
     smp.add_argument(
-        "--checkpoint", required=True, help="run folder, step=N.ckpt or original .ckpt/.safetensors"
+        "--checkpoint",
+        required=True,
+        help="run folder, step=N.ckpt, original .ckpt/.safetensors or diffusers folder",
     )
     smp.add_argument("--prompt", required=True, help="the text prompt")
     smp.add_argument("--negative-prompt", default="", help="unconditional prompt (default: '')")

@@ -1,4 +1,5 @@
-"""``sdtrain export``: a training checkpoint -> one original-layout ``.ckpt`` / ``.safetensors``.
+"""``sdtrain export``: a training checkpoint -> one original-layout ``.ckpt`` / ``.safetensors``,
+or a diffusers model folder (``--format diffusers``, ``models.adapters.diffusers``).
 
 A step checkpoint written by ``sdtrain fit`` holds the trainable UNet (``model.unet.*``), its EMA
 shadow and the resolved config, but not the frozen autoencoder and text encoder: those are what
@@ -23,17 +24,27 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from sdtrain.errors import CheckpointError, ConfigError
+from sdtrain.models.adapters.diffusers import (
+    MODEL_INDEX,
+    is_diffusers_folder,
+    read_diffusers,
+    write_diffusers,
+)
 from sdtrain.models.adapters.original import (
     SAFETENSORS_SUFFIX,
     TORCH_SUFFIXES,
     load_state_dict_strict,
+    read_checkpoint,
+    widen_input_channels,
     write_checkpoint,
 )
+from sdtrain.models.config import ModelConfig
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.checkpoints import (
     NotATrainingCheckpoint,
@@ -46,6 +57,9 @@ from sdtrain.trainer.checkpoints import (
 from sdtrain.utils import files
 from sdtrain.utils.files import PathLike
 
+ExportFormat = Literal["original", "diffusers"]
+EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
 # Reading training checkpoints moved to sdtrain.trainer.checkpoints; these names stay importable.
 __all__ = [
     "Exported",
@@ -53,6 +67,7 @@ __all__ = [
     "TrainingCheckpoint",
     "Weights",
     "config_from_yaml",
+    "convert_checkpoint",
     "export_run",
     "newest_checkpoint",
     "read_training_checkpoint",
@@ -138,31 +153,145 @@ class Exported:
 
 
 def export_run(
-    src: PathLike, out: PathLike, use_ema: bool | None = None, with_ema: bool = False
+    src: PathLike,
+    out: PathLike,
+    use_ema: bool | None = None,
+    with_ema: bool = False,
+    *,
+    format: ExportFormat = "original",
+    dtype: str | None = None,
 ) -> Exported:
     """Export a run folder's newest step checkpoint (or a given one) to ``out``.
 
     ``use_ema``: None = the EMA when the run has one; ``with_ema`` adds the EMA as
-    ``model_ema.*`` next to the raw UNet. The suffix of ``out`` picks .ckpt or .safetensors.
+    ``model_ema.*`` (diffusers: ``unet_ema/``) next to the raw UNet. ``format`` ``original``: the
+    suffix of ``out`` picks .ckpt or .safetensors; ``diffusers``: ``out`` is a new folder with
+    ``model_index.json``. ``dtype`` (``fp16|bf16|fp32``) casts the weights; default as trained.
     """
     out = Path(out)
-    if out.suffix.lower() not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
+    if format not in ("original", "diffusers"):
+        raise ConfigError(f"--format must be original or diffusers, got {format!r}")
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    diffusers = format == "diffusers"
+    if diffusers and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"output {out} exists and is not an empty folder; choose a new folder")
+    if not diffusers and out.suffix.lower() not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
         raise ConfigError(
-            f"output {out} must end in .ckpt or .safetensors (the suffix picks the format)"
+            f"output {out} must end in .ckpt or .safetensors (the suffix picks the format); "
+            "for a diffusers folder pass --format diffusers"
         )
-    problem = files.cannot_write(out)
+    problem = files.cannot_write(out / MODEL_INDEX if diffusers else out)
     if problem:
         raise ConfigError(f"{problem}; choose another output path")
     ckpt = read_training_checkpoint(src)
     weights = ckpt.pick(use_ema, with_ema)
     model = rebuild_model(ckpt, weights)
     parts = model.original_parts(ema=ckpt.ema if with_ema else None)
-    path = write_checkpoint(
-        out,
-        **parts,
-        global_step=ckpt.global_step,
-        extra_metadata={"sdtrain_model": ckpt.config.model.name, "sdtrain_unet_weights": weights},
-        ema_decay=ckpt.ema_decay,
-        ema_num_updates=ckpt.ema_num_updates,
+    metadata = {"sdtrain_model": ckpt.config.model.name, "sdtrain_unet_weights": weights}
+    if diffusers:
+        if out.is_dir():
+            out.rmdir()  # the empty folder cannot_write may have created; written whole below
+        path = write_diffusers(
+            out, ckpt.config.model, **{k: v for k, v in parts.items() if k != "schedule"},
+            ema_decay=ckpt.ema_decay, ema_num_updates=ckpt.ema_num_updates,
+            global_step=ckpt.global_step, dtype=dtype, sample_size=_latent_size(ckpt),
+            extra_metadata=metadata,
+        )  # fmt: skip
+    else:
+        if dtype is not None:
+            parts = {name: _cast(part, name, EXPORT_DTYPES[dtype]) for name, part in parts.items()}
+        path = write_checkpoint(
+            out,
+            **parts,
+            global_step=ckpt.global_step,
+            extra_metadata=metadata,
+            ema_decay=ckpt.ema_decay,
+            ema_num_updates=ckpt.ema_num_updates,
+        )
+    return Exported(path, ckpt.path, ckpt.global_step, weights,
+                    with_ema, ckpt.config.model.name)  # fmt: skip
+
+
+def _latent_size(ckpt: TrainingCheckpoint) -> int:
+    return ckpt.config.data.image.size // ckpt.config.model.latent_downsampling
+
+
+def _cast(part: dict, name: str, dtype: torch.dtype) -> dict:
+    # The schedule buffers stay float32, as in released half-precision files.
+    if name == "schedule":
+        return part
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in part.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Converting between the layouts (sdtrain checkpoint convert)
+# ---------------------------------------------------------------------------------------------
+
+
+def convert_checkpoint(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    to: ExportFormat | None = None,
+    model: ModelConfig | None = None,
+    in_channels: int = 0,
+    ema: bool = True,
+    dtype: str | None = None,
+) -> str:
+    """Rewrite an original-layout file or a diffusers folder as either layout; returns what was
+    written, in words. ``to`` None: a ``.ckpt`` / ``.safetensors`` ``dst`` is original, anything
+    else a diffusers folder. An original file carries no architecture, so writing it as a
+    diffusers folder needs ``model``; a folder's own config is checked against ``model`` if given.
+    """
+    dst = Path(dst)
+    to = to or (
+        "original" if dst.suffix.lower() in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX) else "diffusers"
     )
-    return Exported(path, ckpt.path, ckpt.global_step, weights, with_ema, ckpt.config.model.name)
+    if to not in ("original", "diffusers"):
+        raise ConfigError(f"--to must be original or diffusers, got {to!r}")
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    if is_diffusers_folder(src):
+        read = read_diffusers(src, model)
+        if read.differences:
+            raise CheckpointError("does not fit --config: " + "; ".join(read.differences), src)
+        ckpt, cfg = read.checkpoint, model or read.config
+    else:
+        ckpt, cfg = read_checkpoint(src), model
+    if not ckpt.unet:
+        raise ConfigError(f"{src} holds no UNet weights (model.diffusion_model.*)")
+    unet, ema_sd = ckpt.unet, (ckpt.ema or None) if ema else None
+    if to == "diffusers":
+        if cfg is None:
+            raise ConfigError(
+                f"{src} is an original-layout file, which does not say its architecture: pass "
+                "--config with its model config (e.g. --config sd15) to write a diffusers folder"
+            )
+        in_channels = in_channels or cfg.unet.in_channels
+    if in_channels:
+        unet = widen_input_channels(unet, in_channels)
+        ema_sd = widen_input_channels(ema_sd, in_channels) if ema_sd else None
+    decay = ckpt.ema_meta.get("decay")
+    updates = ckpt.ema_meta.get("num_updates")
+    ema_args = {"ema_decay": float(decay) if decay is not None else 0.9999,
+                "ema_num_updates": int(updates) if updates is not None else 0}  # fmt: skip
+    parts = {"unet": unet, "vae": ckpt.vae, "text": ckpt.text, "ema": ema_sd}
+    if dtype is not None:
+        cast = EXPORT_DTYPES[dtype]
+        parts = {k: _cast(v, k, cast) if v is not None else None for k, v in parts.items()}
+    if to == "original":
+        parts = {k: v or None for k, v in parts.items()}
+        out = write_checkpoint(dst, **parts, schedule=ckpt.schedule or None,
+                               global_step=ckpt.global_step, **ema_args)  # fmt: skip
+    else:
+        assert cfg is not None
+        if not ckpt.vae or not ckpt.text:
+            raise CheckpointError(
+                "has no autoencoder or no text encoder weights; a diffusers folder needs both", src
+            )
+        if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+            raise ConfigError(f"{dst} exists and is not an empty folder; choose a new folder")
+        out = write_diffusers(dst, cfg, **parts, global_step=ckpt.global_step, **ema_args)
+    left = f"; left out {len(ckpt.other)} other key(s)" if ckpt.other else ""
+    return f"wrote {out} ({to} layout{', EMA included' if parts['ema'] else ''}){left}"

@@ -1,5 +1,5 @@
-"""``sdtrain sample``: text-to-image and inpainting from a run, a step checkpoint or an
-original-layout file, with DDIM / PLMS and classifier-free guidance.
+"""``sdtrain sample``: text-to-image and inpainting from a run, a step checkpoint, an
+original-layout file or a diffusers folder, with DDIM / PLMS and classifier-free guidance.
 
 Where the weights come from:
 
@@ -7,7 +7,9 @@ Where the weights come from:
   training did (see ``sdtrain.launch.export``), with the EMA UNet unless ``use_ema=False``;
 - an original-layout ``.ckpt`` / ``.safetensors`` (released or exported): a model config must say
   what it is (``--config configs/models/sd15-inpainting.yaml``); a ``model_ema.*`` copy, when the
-  file has one, is used unless ``use_ema=False``.
+  file has one, is used unless ``use_ema=False``;
+- a diffusers folder (``model_index.json``): its own config files say what it is; ``--config``,
+  when given, must agree with them (``models.adapters.diffusers``); ``unet_ema/`` is the EMA.
 
 The sampling itself is ``sdtrain.models.sampling.sample_images`` (re-exported here), the one
 that validation grids use too; this module opens the weights, reads the pictures, checks the
@@ -49,6 +51,12 @@ from sdtrain.launch.export import (
     Weights,
     read_training_checkpoint,
     rebuild_model,
+)
+from sdtrain.models.adapters.diffusers import (
+    EMA_FOLDER,
+    is_diffusers_folder,
+    read_diffusers,
+    read_model_weights,
 )
 from sdtrain.models.adapters.original import OriginalCheckpoint, read_checkpoint
 from sdtrain.models.conditioning import conditioning_component
@@ -93,6 +101,8 @@ def open_source(
     """Open a run folder / step checkpoint (config inside) or an original-layout file
     (``config`` required). ``use_ema``: None = the EMA when there is one."""
     path = Path(src)
+    if is_diffusers_folder(path):
+        return _open_diffusers(path, config, use_ema)
     try:
         training = read_training_checkpoint(path)
     except NotATrainingCheckpoint:
@@ -118,6 +128,24 @@ def open_source(
     original = read_checkpoint(path)
     if use_ema and not original.ema:
         raise CheckpointError("holds no EMA weights (model_ema.*); sample with --no-ema", path)
+    weights: Weights = "ema" if original.ema and use_ema is not False else "raw"
+    return SamplingSource(path, config, weights, original.global_step, original=original)
+
+
+def _open_diffusers(
+    path: Path, config: ExperimentConfig | None, use_ema: bool | None
+) -> SamplingSource:
+    """A diffusers folder carries its model config; ``config`` (if given) must agree with it."""
+    if config is not None:
+        original = read_model_weights(path, config.model, same_objective=True)
+    else:
+        read = read_diffusers(path)
+        original = read.checkpoint
+        image = dataclasses.replace(ExperimentConfig().data.image, size=read.sample_size)
+        config = ExperimentConfig(model=read.config)
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, image=image))
+    if use_ema and not original.ema:
+        raise CheckpointError(f"holds no EMA weights ({EMA_FOLDER}/); sample with --no-ema", path)
     weights: Weights = "ema" if original.ema and use_ema is not False else "raw"
     return SamplingSource(path, config, weights, original.global_step, original=original)
 

@@ -33,7 +33,8 @@ from sdtrain.config.loader import to_yaml
 from sdtrain.data.pipeline import LaionLoader
 from sdtrain.data.transforms import masked_images, to_model_images
 from sdtrain.errors import ConfigError
-from sdtrain.models.adapters.original import read_checkpoint, write_checkpoint
+from sdtrain.models.adapters.diffusers import read_model_weights
+from sdtrain.models.adapters.original import write_checkpoint
 from sdtrain.models.autoencoder import AutoencoderKL
 from sdtrain.models.text_encoders import FrozenTextEncoder, TextStateDictError
 from sdtrain.trainer.experiment import ExperimentConfig
@@ -149,7 +150,7 @@ def train_first_stage(
     module = AutoencoderModule(cfg, loss)
     text_encoder = FrozenTextEncoder(cfg.model.text_encoder)  # seeded like the autoencoder
     if cfg.init_from:
-        ckpt = read_checkpoint(cfg.init_from)
+        ckpt = read_model_weights(cfg.init_from, cfg.model)
         if ckpt.text:
             try:
                 text_encoder.load_original_state_dict(ckpt.text)

@@ -27,7 +27,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from sdtrain.config.loader import to_dict, to_yaml
 from sdtrain.errors import CheckpointError, ConfigError, WriteError
-from sdtrain.models.adapters.original import read_checkpoint
+from sdtrain.models.adapters.diffusers import read_model_weights
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.checkpoints import (
     AtomicCheckpointIO,
@@ -200,7 +200,7 @@ def build_module(cfg: ExperimentConfig) -> LatentDiffusionModule:
     model = StableDiffusion(cfg.model)
     ema_init = None
     if cfg.init_from:
-        ckpt = read_checkpoint(cfg.init_from)
+        ckpt = read_model_weights(cfg.init_from, cfg.model)
         parts = tuple(
             p for p, w in (("unet", ckpt.unet), ("vae", ckpt.vae), ("text", ckpt.text)) if w
         )

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -58,8 +59,11 @@ __all__ = [
     "folder_summary",
     "is_diffusers_folder",
     "read_diffusers",
+    "read_model_weights",
     "write_diffusers",
 ]
+
+log = logging.getLogger("sdtrain.models")
 
 MODEL_INDEX = "model_index.json"
 DIFFUSERS_VERSION = "0.30.0"
@@ -853,6 +857,8 @@ class DiffusersFolder:
     """Fields where the folder differs from the model config given to ``read_diffusers``."""
     parameterization: str = "eps"
     """What the scheduler's ``prediction_type`` says the UNet predicts."""
+    sample_size: int = 512
+    """Default image side: the UNet config's ``sample_size`` x the latent downsampling."""
 
 
 def is_diffusers_folder(path: PathLike) -> bool:
@@ -913,6 +919,7 @@ def read_diffusers(
         if entry[0] != library or (classes is not None and entry[1] not in classes):
             want = f"[{library!r}, {' or '.join(map(repr, classes or ('a scheduler',)))}]"
             raise CheckpointError(f"{name!r} is {entry}, expected {want}", index_path)
+    for name in _COMPONENTS:
         if not (folder / name).is_dir():
             raise CheckpointError(
                 f"component folder {name}/ is missing (model_index.json names it)", folder
@@ -982,7 +989,48 @@ def read_diffusers(
         }
     ckpt.schedule = NoiseSchedule(cfg.diffusion).original_buffers()
     objective = fields["diffusion.parameterization"].value
-    return DiffusersFolder(ckpt, cfg, pipeline, differences, objective)
+    size = (
+        _get(configs["unet"], "sample_size", "unet/config.json", 64, int) * cfg.latent_downsampling
+    )
+    return DiffusersFolder(ckpt, cfg, pipeline, differences, objective, size)
+
+
+def read_model_weights(
+    path: PathLike, model: ModelConfig, *, same_objective: bool = False
+) -> OriginalCheckpoint:
+    """Weights for ``model`` from an original-layout file or a diffusers folder, as one
+    ``OriginalCheckpoint`` (``StableDiffusion.load_original`` widens and loads it strictly).
+
+    A folder whose config files differ from ``model`` is refused, each difference named; its
+    scheduler's ``prediction_type`` must equal ``model.diffusion.parameterization`` when
+    ``same_objective`` (sampling), else a differing one is logged (fine-tuning eps -> v).
+    """
+    from sdtrain.models.adapters.original import read_checkpoint
+
+    if not is_diffusers_folder(path):
+        if Path(path).is_dir():
+            raise CheckpointError(
+                f"is a folder without {MODEL_INDEX}, so not a diffusers model folder", path
+            )
+        return read_checkpoint(path)
+    read = read_diffusers(path, model)
+    differences = list(read.differences)
+    ours = model.diffusion.parameterization
+    if read.parameterization != ours:
+        line = (
+            f"model.diffusion.parameterization is {ours!r} in the config but "
+            f"{Path(path) / 'scheduler' / 'scheduler_config.json'} prediction_type says "
+            f"{_PREDICTION[read.parameterization]!r}"
+        )
+        if same_objective:
+            differences.append(line)
+        else:
+            log.warning("%s: training the configured objective from these weights", line)
+    if differences:
+        raise CheckpointError(
+            f"does not fit the model config {model.name!r}: " + "; ".join(differences), path
+        )
+    return read.checkpoint
 
 
 def folder_summary(read: DiffusersFolder) -> str:
