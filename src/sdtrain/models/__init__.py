@@ -5,7 +5,9 @@ external weight layouts (``adapters/original.py``). A component above ``data`` a
 (it may use both); never imports ``trainer`` or ``launch``.
 
 Public API relied on by outside checks: ``build_unet(params)`` and
-``build_autoencoder(ddconfig, embed_dim)``, both taking the original config names.
+``build_autoencoder(ddconfig, embed_dim)``, both taking the original config names;
+``build_midas("dpt_hybrid")`` (the SD 2 depth estimator, original ``depth_model.*`` layout) and
+``depth_conditioning(depth, (h, w))``.
 """
 
 from sdtrain.errors import CheckpointError
@@ -17,6 +19,7 @@ from sdtrain.models.adapters.original import (
     write_weights_safetensors,
 )
 from sdtrain.models.autoencoder import AutoencoderConfig, AutoencoderKL, DDConfig, build_autoencoder
+from sdtrain.models.midas import MiDaS, build_midas, depth_conditioning, midas_input
 from sdtrain.models.stable_diffusion import StableDiffusion, build_stable_diffusion
 from sdtrain.models.text_encoders import FrozenTextEncoder, TextEncoderConfig, build_text_encoder
 from sdtrain.models.unet import UNetConfig, UNetModel, build_unet
@@ -27,15 +30,19 @@ __all__ = [
     "CheckpointError",
     "DDConfig",
     "FrozenTextEncoder",
+    "MiDaS",
     "OriginalCheckpoint",
     "StableDiffusion",
     "TextEncoderConfig",
     "UNetConfig",
     "UNetModel",
     "build_autoencoder",
+    "build_midas",
     "build_stable_diffusion",
     "build_text_encoder",
     "build_unet",
+    "depth_conditioning",
+    "midas_input",
     "read_checkpoint",
     "widen_input_channels",
     "write_checkpoint",
