@@ -9,6 +9,7 @@ medians and their ratio ``ours / diffusers`` are reported (goal: <= 1.0).
 
     pip install -e '.[bench]'
     python bench/unet_step.py                          # tiny-cpu preset, prints a markdown table
+    python bench/unet_step.py --preset small-cpu --write-docs  # 8/16/32 latents, SD2 and SD1 layout
     python bench/unet_step.py --preset gpu --batch-size 4 --write-docs
     python bench/unet_step.py --checkpointing          # gradient checkpointing in both models
 
@@ -112,6 +113,23 @@ def _tiny_cpu() -> Preset:
     return Preset("tiny-cpu", cases, "cpu", False, batch_size=2, iters=10, warmup=3)
 
 
+def _small_latent_unet(*, linear: bool) -> dict[str, Any]:
+    """Issue 10's case: 4 levels of 64-wide heads-of-32 UNet, context 128, linear or conv proj."""
+    params = _small_unet(64, [1, 2, 4, 4], 128, linear=True, heads=32)
+    return {**params, "use_linear_in_transformer": linear}
+
+
+def _small_cpu() -> Preset:
+    # Small latents make the per-call costs (copies, layout changes) a large share of the step.
+    cases = tuple(
+        BenchCase(f"{'sd2' if linear else 'sd1'}-mc64@{latent}", unet, latent=latent)
+        for linear in (True, False)
+        for unet in [_small_latent_unet(linear=linear)]
+        for latent in (8, 16, 32)
+    )
+    return Preset("small-cpu", cases, "cpu", False, batch_size=2, iters=20, warmup=3)
+
+
 def _micro() -> Preset:
     cases = (
         BenchCase("micro-sd1", _small_unet(32, [1, 2], 32, linear=False, heads=2), 16, 8),
@@ -129,9 +147,16 @@ def _gpu() -> Preset:
     return Preset("gpu", cases, "cuda", True, batch_size=4, iters=20, warmup=5)
 
 
-PRESETS: dict[str, Callable[[], Preset]] = {"tiny-cpu": _tiny_cpu, "micro": _micro, "gpu": _gpu}
-"""``tiny-cpu``: the default, minutes-free CPU check; ``micro``: smoke-test size (its timings mean
-nothing); ``gpu``: SD1.5 and SD2-base full UNets at 256 and 512 px."""
+PRESETS: dict[str, Callable[[], Preset]] = {
+    "tiny-cpu": _tiny_cpu,
+    "small-cpu": _small_cpu,
+    "micro": _micro,
+    "gpu": _gpu,
+}
+"""``tiny-cpu``: the default, minutes-free CPU check; ``small-cpu``: a 4-level UNet (model_channels
+64, channel_mult [1, 2, 4, 4], 32-wide heads, context 128) at 8, 16 and 32 latents, linear and conv
+projections; ``micro``: smoke-test size (its timings mean nothing); ``gpu``: SD1.5 and SD2-base full
+UNets at 256 and 512 px."""
 
 # ---------------------------------------------------------------------------------------------
 # The diffusers twin: same architecture, same weights
@@ -306,12 +331,22 @@ class CaseResult:
     output_scale: float | None = None
     ours_peak_mib: float | None = None
     theirs_peak_mib: float | None = None
+    round_ratios: list[float] = field(default_factory=list)
+    """``ours / diffusers`` of each timed round (the two steps of a round run back to back)."""
     note: str = ""
     """Why diffusers' column is empty (conversion failed) or the check failed."""
 
     @property
     def ratio(self) -> float | None:
         return None if self.theirs_ms is None else self.ours_ms / self.theirs_ms
+
+    @property
+    def round_ratio_quartiles(self) -> tuple[float, float] | None:
+        """(Q1, Q3) of the per-round ratios: how much a shared machine moved single rounds."""
+        if len(self.round_ratios) < 2:
+            return None
+        q1, _, q3 = statistics.quantiles(self.round_ratios, n=4)
+        return q1, q3
 
     @property
     def equivalent(self) -> bool:
@@ -370,6 +405,8 @@ def run_case(case: BenchCase, preset: Preset, checkpointing: bool) -> CaseResult
     result.ours_ms = stats[0].median_ms
     if len(stats) > 1:
         result.theirs_ms = stats[1].median_ms
+        pairs = zip(stats[0].times_s, stats[1].times_s, strict=True)
+        result.round_ratios = [a / b for a, b in pairs]
     if device.type == "cuda":
         result.ours_peak_mib = stats[0].peak_bytes / 2**20
         if len(stats) > 1:
@@ -424,21 +461,25 @@ class Report:
             return "\n".join([*lines, f"**Skipped:** {self.skipped}", ""])
         lines += [
             "| preset | case | shape | dtype | device | ours median ms | diffusers median ms "
-            "| ratio ours/diffusers | max abs diff (fp32) | peak MiB ours / diffusers |",
-            "|---|---|---|---|---|--:|--:|--:|--:|--:|",
+            "| ratio ours/diffusers | per-round ratio Q1-Q3 | max abs diff (fp32) "
+            "| peak MiB ours / diffusers |",
+            "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|",
         ]
         for r in self.rows:
             peak = "–"
             if r.ours_peak_mib is not None:
                 theirs = "–" if r.theirs_peak_mib is None else f"{r.theirs_peak_mib:.0f}"
                 peak = f"{r.ours_peak_mib:.0f} / {theirs}"
+            spread = "–"
+            if r.round_ratio_quartiles is not None:
+                spread = "{:.2f}-{:.2f}".format(*r.round_ratio_quartiles)
             diff = "–"
             if r.max_abs_diff is not None:
                 diff = f"{r.max_abs_diff:.1e} (out max {r.output_scale:.2g})"
             lines.append(
                 f"| {self.preset} | {r.case} | {r.shape} | {self.dtype} | {self.device} "
                 f"| {r.ours_ms:.1f} | {_fmt(r.theirs_ms, '.1f')} | {_fmt(r.ratio, '.3f')} "
-                f"| {diff} | {peak} |"
+                f"| {spread} | {diff} | {peak} |"
             )
         notes = [f"- **{r.case}: {r.note}**" for r in self.rows if r.note]
         return "\n".join([*lines, *(["", *notes] if notes else []), ""])

@@ -307,8 +307,10 @@ class SpatialTransformer(nn.Module):
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)  # (B, HW, C)
-        # reshape (not a view): later convs and norms want a contiguous NCHW tensor
-        h = h.transpose(1, 2).reshape(h.shape[0], -1, height, width)  # (B, C|inner, H, W)
+        # (B, HW, C) -> (B, C, H, W) is a view with channels-last strides; copy it to plain
+        # NCHW, or every later op (``+ x``, cat, convs, GroupNorm) inherits channels-last and runs
+        # its slower CPU kernels for the rest of the UNet.
+        h = h.transpose(1, 2).unflatten(2, (height, width)).contiguous()  # (B, C|inner, H, W)
         if not self.linear:
             h = self.proj_out(h)  # (B, C, H, W)
         return h + x
