@@ -193,6 +193,7 @@ class DataConfig:
     """Seed of shard order, shuffling, crops, flips and masks."""
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.batch_size < 1:
             raise ConfigError("must be >= 1", key="batch_size")
         if self.num_workers < 0:

@@ -21,6 +21,7 @@ from sdtrain.diffusion.parameterization import (
     get_parameterization,
 )
 from sdtrain.errors import ConfigError
+from sdtrain.utils.checks import require_finite, require_range
 
 # The persistent buffers of the original DDPM, in registration order (unprefixed checkpoint keys).
 SCHEDULE_BUFFERS = (
@@ -63,14 +64,18 @@ class DiffusionConfig:
     """Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5.0; 0 = off (uniform weights)."""
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.timesteps < 2:
             raise ConfigError("must be >= 2", key="timesteps")
         if not 0 < self.linear_start < self.linear_end < 1:
+            # Name the value that is out of place: the end when it alone leaves (0, 1).
+            bad_end = 0 < self.linear_start < 1 and not 0 < self.linear_end < 1
             raise ConfigError(
                 f"needs 0 < linear_start < linear_end < 1, got {self.linear_start}, "
                 f"{self.linear_end}",
-                key="linear_start",
+                key="linear_end" if bad_end else "linear_start",
             )
+        require_range(self, "cosine_s", low=0)
         if self.offset_noise < 0:
             raise ConfigError("must be >= 0", key="offset_noise")
         if self.min_snr_gamma < 0:

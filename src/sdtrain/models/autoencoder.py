@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdtrain.errors import ConfigError
+from sdtrain.utils.checks import require_finite, require_range
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -50,12 +51,15 @@ class DDConfig:
     """Dropout inside ResNet blocks."""
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if not self.double_z:
             raise ConfigError(
                 "AutoencoderKL needs double_z: true (mean and logvar)", key="double_z"
             )
         if not self.ch_mult:
             raise ConfigError("needs at least one level", key="ch_mult")
+        require_range(self, "ch", "ch_mult", "attn_resolutions", low=1)
+        require_range(self, "dropout", low=0, high=1, high_open=True)
         for mult in self.ch_mult:
             if (self.ch * mult) % 32:
                 raise ConfigError(
@@ -84,6 +88,7 @@ class AutoencoderConfig:
         return 2 ** (len(self.ddconfig.ch_mult) - 1)
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.embed_dim < 1:
             raise ConfigError("must be >= 1", key="embed_dim")
         if not self.scale_factor > 0:

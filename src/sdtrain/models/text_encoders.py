@@ -31,6 +31,7 @@ from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
 from torch import Tensor, nn
 
 from sdtrain.errors import ConfigError
+from sdtrain.utils.checks import require_finite
 
 __all__ = [
     "BOS_ID",
@@ -99,6 +100,7 @@ class TextEncoderConfig:
     kept so checkpoints round-trip). 0 = no projection and no ``logit_scale`` (SD1)."""
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.kind not in ("sd1-clip", "sd2-openclip"):
             raise ConfigError(
                 f"unknown text encoder kind {self.kind!r}; choose 'sd1-clip' or 'sd2-openclip'",

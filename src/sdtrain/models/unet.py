@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sdtrain.errors import ConfigError
+from sdtrain.utils.checks import require_finite, require_range
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -80,6 +81,7 @@ class UNetConfig:
     """ResBlock-based resampling; not used by Stable Diffusion, not supported."""
 
     def __post_init__(self) -> None:
+        require_finite(self)
         unsupported = {
             "use_spatial_transformer": (self.use_spatial_transformer, True),
             "conv_resample": (self.conv_resample, True),
@@ -97,6 +99,13 @@ class UNetConfig:
             )
         if not self.channel_mult:
             raise ConfigError("needs at least one level", key="channel_mult")
+        for key in ("num_heads", "num_head_channels", "num_heads_upsample"):
+            if getattr(self, key) < 1 and getattr(self, key) != -1:
+                raise ConfigError(f"must be >= 1 or -1 (unset), got {getattr(self, key)}", key=key)
+        require_range(self, "channel_mult", "context_dim", low=1)
+        require_range(self, "dropout", low=0, high=1, high_open=True)
+        if self.image_size is not None:
+            require_range(self, "image_size", low=1, note="informative only; or null")
         if self.model_channels < 32 or self.model_channels % 32:
             raise ConfigError(
                 f"{self.model_channels} is not a multiple of 32 (GroupNorm uses 32 groups)",

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sdtrain.errors import ConfigError
+from sdtrain.utils.checks import require_finite, require_range
 
 
 @dataclass
@@ -30,12 +31,16 @@ class OptimConfig:
     """The original ``scale_lr``: lr x global batch (nodes x devices x accumulation x batch)."""
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if not self.lr > 0:
             raise ConfigError("must be > 0", key="lr")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError("needs two values in [0, 1)", key="betas")
+        require_range(self, "eps", low=0, low_open=True)
+        require_range(self, "weight_decay", low=0, note="0 = none")
         if self.warmup_steps < 0:
             raise ConfigError("must be >= 0", key="warmup_steps")
+        require_range(self, "warmup_start", low=0, high=1, note="a multiplier of lr")
 
     def lr_multiplier(self, step: int) -> float:
         """The LR factor at optimiser step ``step`` (0-based)."""
@@ -80,9 +85,11 @@ class TrainerConfig:
     """Logging interval."""
 
     def __post_init__(self) -> None:
+        require_finite(self)
         for key in ("max_steps", "accumulate_grad_batches", "devices", "num_nodes"):
             if getattr(self, key) < 1:
                 raise ConfigError("must be >= 1", key=key)
+        require_range(self, "max_nonfinite_steps", "log_every_n_steps", low=1)
         if not 0 <= self.text_dropout <= 1:
             raise ConfigError("must be a probability in [0, 1]", key="text_dropout")
         if self.gradient_clip_val < 0:
@@ -171,6 +178,15 @@ class ValidationConfig:
             raise ConfigError("must be >= 0 (0 = off)", key="every_n_steps")
         if self.steps < 1:
             raise ConfigError("must be >= 1", key="steps")
+        require_finite(self)
+        require_range(self, "guidance_scale", low=0, note="1 = no guidance")
+        require_range(self, "seed", low=0, high=2**32 - 1)
+        require_range(self, "loss_batches", "loss_buckets", low=1)
+        if self.image_size < 0 or self.image_size % 8:
+            raise ConfigError(
+                f"must be 0 (= data.image.size) or a positive multiple of 8, got {self.image_size}",
+                key="image_size",
+            )
         unknown = [s for s in self.samplers if s not in ("ddim", "plms")]
         if unknown:
             raise ConfigError(f"unknown sampler(s) {unknown}; choose ddim, plms", key="samplers")

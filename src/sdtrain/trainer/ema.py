@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sdtrain.errors import ConfigError
+from sdtrain.utils.checks import require_finite
 
 
 @dataclass
@@ -31,6 +32,7 @@ class EMAConfig:
     """The original warm-up ``min(decay, (1 + n) / (10 + n))``; off = constant ``decay``."""
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if not 0 <= self.decay < 1:
             raise ConfigError("must be in [0, 1)", key="decay")
 

@@ -26,6 +26,7 @@ from sdtrain.trainer.config import (
     ValidationConfig,
 )
 from sdtrain.trainer.ema import EMAConfig
+from sdtrain.utils.checks import require_range
 
 
 @dataclass
@@ -59,6 +60,8 @@ class ExperimentConfig:
     """Global seed for weights initialisation, noise and data order."""
 
     def __post_init__(self) -> None:
+        # Lightning's seed_everything replaces a seed outside [0, 2^32) by a random one.
+        require_range(self, "seed", low=0, high=2**32 - 1)
         # Only a config that names training data must provide what the model conditions on.
         if not self.data.shards:
             return
