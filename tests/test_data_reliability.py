@@ -186,18 +186,218 @@ def run_bounded(command: list[str], timeout: float) -> tuple[subprocess.Complete
 
 
 def test_cli_quoted_glob_matching_nothing_exits_2(tmp_path: Path) -> None:
-    result, _ = run_bounded(fit_command("tiny-base", tmp_path / "run", "data.shards=/nope/*.tar"), 120)
+    result, _ = run_bounded(
+        fit_command("tiny-base", tmp_path / "run", "data.shards=/nope/*.tar"), 120
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "no such file: /nope/*.tar" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "run").exists()
+    run = tmp_path / "run"  # nothing written but, at most, the run folder's lock
+    assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
 
 
-def test_cli_one_shard_trains_with_one_worker(shard_dir: Path, tmp_path: Path) -> None:
-    one = tars(shard_dir)[0]
+def test_cli_one_make_shards_shard_trains_with_one_worker(tmp_path: Path) -> None:
+    """What ``sdtrain data make-shards`` writes from a plain folder (no scores) trains with the
+    default filters, and one shard runs one worker (tiny-base asks for 2)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+        (folder / f"{i}.txt").write_text(f"a photo number {i}")
+    make = [sys.executable, "-m", "sdtrain.launch.cli", "data", "make-shards"]
+    made = subprocess.run([*make, str(folder), str(tmp_path / "shards")], env=env(),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    one = tmp_path / "shards" / "00000.tar"
     result, _ = run_bounded(
         fit_command("tiny-base", tmp_path / "run", f"data.shards={one}", "data.num_workers=2"), 300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "using 1 dataloader worker(s) per rank instead of data.num_workers=2" in result.stderr
     assert (tmp_path / "run" / "checkpoints" / "step=00000002.ckpt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loader workers: preemption signals ignored, shutdown obeyed, no orphans (issue 11)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_python(code: str, timeout: float) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter; past ``timeout`` seconds the test fails (not hangs)."""
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hung: still running after {timeout:.0f} s")
+
+
+LOADER_SCRIPT = """
+import multiprocessing, os, signal, sys, time
+from sdtrain.data.config import DataConfig, FilterConfig, ImageConfig
+from sdtrain.data.pipeline import LaionLoader
+cfg = DataConfig(shards={shards!r}, batch_size=2, num_workers=2, shuffle_buffer=4,
+                 filters=FilterConfig(min_size={min_size}), image=ImageConfig(size=32), seed=1)
+"""
+
+
+def test_workers_ignore_preemption_signals_yet_end_with_the_loader(shard_dir: Path) -> None:
+    code = (
+        LOADER_SCRIPT.format(shards=tars(shard_dir), min_size=64)
+        + """
+batches = iter(LaionLoader(cfg))
+next(batches)
+workers = multiprocessing.active_children()
+assert len(workers) == 2, workers
+for w in workers:  # what SLURM sends to every process of the step
+    os.kill(w.pid, signal.SIGUSR1)
+    os.kill(w.pid, signal.SIGTERM)
+time.sleep(1.0)
+assert all(w.is_alive() for w in workers), "a worker died of a preemption signal"
+for _ in range(6):
+    next(batches)  # the loader carries on
+start = time.monotonic()
+batches.close()  # the loader shuts its workers down
+print("shutdown", time.monotonic() - start, [w.is_alive() for w in workers])
+"""
+    )
+    result = run_python(code, 90)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seconds, alive = result.stdout.split("shutdown")[1].split(" ", 2)[1:]
+    assert "True" not in alive and float(seconds) < 4.0, result.stdout
+
+
+def test_a_worker_data_error_ends_the_loader_promptly_without_a_traceback(
+    shard_dir: Path,
+) -> None:
+    code = (
+        LOADER_SCRIPT.format(shards=tars(shard_dir), min_size=10_000)
+        + """
+from sdtrain.errors import DataError
+start = time.monotonic()
+try:
+    list(LaionLoader(cfg))
+except DataError as err:
+    print("message:", err)
+print("left:", multiprocessing.active_children(), "seconds:", time.monotonic() - start)
+"""
+    )
+    result = run_python(code, 90)  # the interpreter's exit must not wait on workers either
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "message: worker" in result.stdout and "data.filters.min_size=10000" in result.stdout
+    assert "Traceback" not in result.stdout and "left: []" in result.stdout
+
+
+def child_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in children.read_text().split()] if children.exists() else []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_with_their_parent(tmp_path: Path) -> None:
+    """SIGKILL of the trainer while its workers spin (depth shards without depth maps and a
+    buffer too big to ever fill): no worker survives it."""
+    shards = tmp_path / "shards"
+    write_synthetic_shards(shards, SyntheticSpec(samples=24, per_shard=12, min_side=64))
+    command = fit_command(
+        "tiny-depth", tmp_path / "run", f"data.shards={shards}", "data.shuffle_buffer=10000000"
+    )
+    process = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        workers: list[int] = []
+        while len(workers) < 2 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            workers = child_pids(process.pid)
+        assert len(workers) >= 2, "the loader workers never started"
+        time.sleep(1.0)
+    finally:
+        process.kill()
+        process.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    assert not alive, f"workers {alive} outlived their parent"
+
+
+# ---------------------------------------------------------------------------------------------
+# sdtrain fit on bad data ends, with one message (issue 11)
+# ---------------------------------------------------------------------------------------------
+
+
+def assert_data_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "sdtrain: data error:" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for needle in needles:
+        assert needle in result.stderr, result.stderr[-3000:]
+
+
+def test_cli_pattern_matching_no_file_exits_2_at_startup(tmp_path: Path) -> None:
+    pattern = "/tmp/nonexistent/{00000..00001}.tar"
+    result, _ = run_bounded(
+        fit_command("tiny-base", tmp_path / "run", f"data.shards={pattern}"), 120
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "no such file: none of the 2 shard files" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("resampled", ["true", "false"])
+def test_cli_everything_filtered_ends_naming_the_filter_and_key(
+    shard_dir: Path, tmp_path: Path, resampled: str
+) -> None:
+    result, _ = run_bounded(
+        fit_command("tiny-base", tmp_path / "run", f"data.shards={shard_dir}",
+                    "data.filters.aesthetic.value=100", f"data.resampled={resampled}"),
+        150,
+    )  # fmt: skip
+    assert_data_error(result, "aesthetic", "data.filters.aesthetic.value", ">= 100")
+
+
+def test_cli_depth_model_on_shards_without_depth_maps_ends(shard_dir: Path, tmp_path: Path) -> None:
+    result, _ = run_bounded(
+        fit_command("tiny-depth", tmp_path / "run", f"data.shards={shard_dir}"), 150
+    )
+    assert_data_error(result, "no depth member", "data.depth.missing=keep")
+
+
+def test_cli_error_rate_cap_ends_the_run(tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    spec = SyntheticSpec(samples=24, per_shard=12, min_side=64, corrupt_fraction=0.5)
+    write_synthetic_shards(shards, spec)
+    result, _ = run_bounded(
+        fit_command("tiny-base", tmp_path / "run", f"data.shards={shards}",
+                    "data.max_error_rate=0.1", "data.error_rate_min_samples=4"),
+        150,
+    )  # fmt: skip
+    assert_data_error(result, "data.max_error_rate")
+
+
+def test_cli_shard_truncated_before_resume(tmp_path: Path) -> None:
+    """Train to a checkpoint, truncate the shards, ``resume=auto``: an error naming the shards
+    and ``data.on_changed_shards``; with ``skip``, the run drops those samples and finishes."""
+    shards = tmp_path / "shards"
+    write_synthetic_shards(shards, SyntheticSpec(samples=24, per_shard=12, min_side=64))
+    run_dir = tmp_path / "run"
+    first, _ = run_bounded(fit_command("tiny-base", run_dir, f"data.shards={shards}"), 300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for shard in shards.glob("*.tar"):
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) // 3])
+    more = ("trainer.max_steps=4", "resume=auto")
+    result, _ = run_bounded(fit_command("tiny-base", run_dir, f"data.shards={shards}", *more), 300)
+    assert_data_error(result, "no longer in their shards", "data.on_changed_shards=skip")
+    skip = "data.on_changed_shards=skip"
+    result, _ = run_bounded(
+        fit_command("tiny-base", run_dir, f"data.shards={shards}", *more, skip), 300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dropped them (data.on_changed_shards=skip)" in result.stderr
+    assert (run_dir / "checkpoints" / "step=00000004.ckpt").is_file()
