@@ -164,8 +164,16 @@ def cmd_checkpoint_convert(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from sdtrain.launch.export import export_run
 
+    if args.lora or args.lora_format:
+        from sdtrain.launch.export_lora import export_lora
+
+        if args.merge or args.with_ema or args.format != "original" or args.dtype:
+            raise ConfigError("--lora writes the adapter alone: it takes no --merge, "
+                              "--with-ema, --format or --dtype")  # fmt: skip
+        print(export_lora(args.src, args.out, args.ema, args.lora_format or "kohya").summary())
+        return EXIT_OK
     exported = export_run(args.src, args.out, use_ema=args.ema, with_ema=args.with_ema,
-                          format=args.format, dtype=args.dtype)  # fmt: skip
+                          format=args.format, dtype=args.dtype, merge=args.merge)  # fmt: skip
     print(exported.summary())
     return EXIT_OK
 
@@ -179,6 +187,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt, image=args.image, mask=args.mask,
         sampler=args.sampler, steps=args.steps, scale=args.scale, eta=args.eta, seed=args.seed,
         size=args.size, n=args.n, device=args.device, keep_unmasked=args.keep_unmasked,
+        lora=args.lora, lora_scale=args.lora_scale,
     )  # fmt: skip
     print(result.summary())
     return EXIT_OK
@@ -407,6 +416,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     smp.add_argument(
         "--sampler", choices=("ddim", "plms"), default="ddim", help="sampler (default ddim)"
+    export.add_argument(
+        "--lora",
+        action="store_true",
+        help="LoRA runs: write the adapter alone (.safetensors; kohya / A1111 layout, which "
+        "ComfyUI and A1111 read)",
+    )
+    export.add_argument(
+        "--lora-format",
+        choices=("kohya", "diffusers"),
+        default=None,
+        help="with --lora: kohya (default) or diffusers (what load_lora_weights reads)",
+    )
+    export.add_argument(
+        "--merge",
+        action="store_true",
+        help="LoRA runs: a full original-layout checkpoint with the adapter merged into the "
+        "base weights (W + alpha/r * up @ down)",
+    )
     )
     smp.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     smp.add_argument("--scale", type=float, default=7.5, help="guidance scale (default 7.5)")
@@ -441,6 +468,15 @@ def _stop_while_starting() -> None:
         name = signal.Signals(signum).name
         raise RunInterrupted(signum, f"stopped by {name} while starting up (nothing trained)")
 
+    smp.add_argument(
+        "--lora",
+        default=None,
+        metavar="FILE",
+        help="a LoRA .safetensors (kohya / A1111 or diffusers layout) merged into the UNet",
+    )
+    smp.add_argument(
+        "--lora-scale", type=float, default=1.0, help="strength of --lora (default 1.0)"
+    )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
 

@@ -45,6 +45,7 @@ from sdtrain.models.adapters.original import (
     write_checkpoint,
 )
 from sdtrain.models.config import ModelConfig
+from sdtrain.models.lora import load_adapter_state, merge_adapter
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.checkpoints import (
     NotATrainingCheckpoint,
@@ -109,6 +110,8 @@ def rebuild_model(ckpt: TrainingCheckpoint, weights: Weights) -> StableDiffusion
     cfg = ckpt.config
     # No torch.compile: its wrapper renames the UNet's keys and buys nothing here.
     cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, compile=False))
+    # The adapter comes from the checkpoint: the file it started from is not needed again.
+    cfg = dataclasses.replace(cfg, init_lora="")
     try:
         # The same seed, then the same construction order as `fit`: equal frozen weights.
         with training_seed(cfg.seed):
@@ -119,6 +122,9 @@ def rebuild_model(ckpt: TrainingCheckpoint, weights: Weights) -> StableDiffusion
             f"failed: {err}",
             ckpt.path,
         ) from err
+    if ckpt.is_adapter:
+        load_adapter_state(model.unet, ckpt.unet_weights(weights), source=str(ckpt.path))
+        return model.eval()
     load_state_dict_strict(
         model.unet, ckpt.unet_weights(weights), source=str(ckpt.path), what="UNet"
     )
@@ -160,6 +166,7 @@ def export_run(
     *,
     format: ExportFormat = "original",
     dtype: str | None = None,
+    merge: bool = False,
 ) -> Exported:
     """Export a run folder's newest step checkpoint (or a given one) to ``out``.
 
@@ -167,6 +174,8 @@ def export_run(
     ``model_ema.*`` (diffusers: ``unet_ema/``) next to the raw UNet. ``format`` ``original``: the
     suffix of ``out`` picks .ckpt or .safetensors; ``diffusers``: ``out`` is a new folder with
     ``model_index.json``. ``dtype`` (``fp16|bf16|fp32``) casts the weights; default as trained.
+    ``merge``: a LoRA run's adapter is folded into the base UNet (``W + (alpha / r) up @ down``);
+    the adapter alone is ``launch.export_lora.export_lora``.
     """
     out = Path(out)
     if format not in ("original", "diffusers"):
@@ -185,8 +194,11 @@ def export_run(
     if problem:
         raise ConfigError(f"{problem}; choose another output path")
     ckpt = read_training_checkpoint(src)
+    check_merge(ckpt, merge, with_ema)
     weights = ckpt.pick(use_ema, with_ema)
     model = rebuild_model(ckpt, weights)
+    if merge:
+        merge_adapter(model.unet)
     parts = model.original_parts(ema=ckpt.ema if with_ema else None)
     metadata = {"sdtrain_model": ckpt.config.model.name, "sdtrain_unet_weights": weights}
     if diffusers:
@@ -211,6 +223,26 @@ def export_run(
         )
     return Exported(path, ckpt.path, ckpt.global_step, weights,
                     with_ema, ckpt.config.model.name)  # fmt: skip
+
+
+def check_merge(ckpt: TrainingCheckpoint, merge: bool, with_ema: bool) -> None:
+    """A LoRA run exports as the adapter alone (--lora) or merged (--merge); nothing else."""
+    if merge and not ckpt.is_adapter:
+        raise ConfigError(
+            f"--merge folds a LoRA into its base model, but {ckpt.path} is from a full "
+            "fine-tuning run (finetune.method: full): export it without --merge"
+        )
+    if ckpt.is_adapter and not merge:
+        raise ConfigError(
+            f"{ckpt.path} is from a LoRA run (only the adapter was trained): pass --lora for "
+            "the adapter alone (kohya / A1111 layout; --lora-format diffusers) or --merge for a "
+            "full checkpoint with the adapter merged into the base weights"
+        )
+    if merge and with_ema:
+        raise ConfigError(
+            "--with-ema cannot be combined with --merge; pick the adapter weights with --ema "
+            "or --no-ema"
+        )
 
 
 def _latent_size(ckpt: TrainingCheckpoint) -> int:

@@ -61,6 +61,7 @@ from sdtrain.models.adapters.diffusers import (
 from sdtrain.models.adapters.original import OriginalCheckpoint, read_checkpoint
 from sdtrain.models.conditioning import conditioning_component
 from sdtrain.models.config import ModelConfig
+from sdtrain.models.lora import apply_lora_file, merge_adapter
 from sdtrain.models.sampling import check_size, sample_images
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.experiment import ExperimentConfig
@@ -296,12 +297,19 @@ def sample_to_file(
     n: int = 1,
     device: str | None = None,
     keep_unmasked: bool = False,
+    lora: PathLike | None = None,
+    lora_scale: float = 1.0,
 ) -> SampleResult:
     """Everything ``sdtrain sample`` does: open, check, build, sample, write the PNG.
 
     ``size`` defaults to the run's training image size (``data.image.size``; 512 for a bare
     model config); ``seed`` None draws one (reported in the result so it can be repeated).
+    ``lora`` (a kohya- or diffusers-layout file) is merged into the UNet at ``lora_scale``.
     """
+    if not math.isfinite(lora_scale):
+        raise ConfigError(f"--lora-scale must be a finite number, got {lora_scale}")
+    if lora is None and lora_scale != 1.0:
+        raise ConfigError("--lora-scale needs --lora FILE")
     if (image is None) != (mask is None):
         raise ConfigError("--image and --mask go together: pass both or neither")
     check_options(steps=steps, scale=scale, eta=eta, sampler=sampler, n=n, seed=seed, size=size)
@@ -317,6 +325,9 @@ def sample_to_file(
     if image is not None and mask is not None:
         pictures = {"image": load_image(image, size), "mask": load_mask(mask, size)}
     model = source.build(device)
+    if lora is not None:
+        merge_adapter(model.unet)  # a LoRA run's own adapter first, then the file's
+        apply_lora_file(model.unet, str(lora), lora_scale)
     images = sample_images(
         model, [prompt] * n, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
         scale=scale, eta=eta, seed=seed, size=size, keep_unmasked=keep_unmasked, **pictures,

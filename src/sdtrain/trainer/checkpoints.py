@@ -313,11 +313,12 @@ FROZEN_ON_RESUME: tuple[str, ...] = (
     "model.autoencoder.",
     "model.text_encoder.",
     "ema.enabled",
+    "finetune.",  # method, adapter kind, rank, alpha, targets: what the stored adapter is
 )
 # ... except these, which change how training runs, not what the weights are.
 FREE_ON_RESUME = frozenset(
     {"model.unet.dropout", "model.unet.use_checkpoint", "model.unet.use_fp16",
-     "model.autoencoder.ddconfig.dropout"}
+     "model.autoencoder.ddconfig.dropout", "finetune.lora.dropout"}
 )  # fmt: skip
 
 
@@ -393,11 +394,17 @@ class TrainingCheckpoint:
     config: ExperimentConfig
     """The resolved config the run trained with."""
     unet: dict[str, Tensor]
-    """Raw UNet weights, keyed like ``UNetModel.state_dict()``."""
+    """Raw UNet weights, keyed like ``UNetModel.state_dict()``; for a LoRA run the adapter
+    weights only, keyed like the adapted UNet's (``<module path>.lora_A.default.weight`` ...)."""
     ema: dict[str, Tensor] | None
     """The EMA shadow (same keys, float32), or None when the run kept no EMA."""
     ema_decay: float = 0.9999
     ema_num_updates: int = 0
+
+    @property
+    def is_adapter(self) -> bool:
+        """The run trained an adapter (``finetune.method: lora``), not the whole UNet."""
+        return self.config.finetune.method == "lora"
 
     def pick(self, use_ema: bool | None, with_ema: bool = False) -> Weights:
         """Which weights become the UNet: EMA by default when there is one."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sdtrain.errors import ConfigError
+from sdtrain.models.lora import LoraConfig
 from sdtrain.utils.checks import require_finite, require_range
 
 
@@ -29,6 +30,9 @@ class OptimConfig:
     """LR multiplier at step 0 (the original ``f_start``)."""
     scale_lr: bool = False
     """The original ``scale_lr``: lr x global batch (nodes x devices x accumulation x batch)."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """``adamw8bit``: bitsandbytes' 8-bit AdamW (CUDA only; bitsandbytes is not a dependency:
+    ``pip install bitsandbytes``). Optimiser state in 8 bits: a quarter of AdamW's memory."""
 
     def __post_init__(self) -> None:
         require_finite(self)
@@ -190,3 +194,14 @@ class ValidationConfig:
         unknown = [s for s in self.samplers if s not in ("ddim", "plms")]
         if unknown:
             raise ConfigError(f"unknown sampler(s) {unknown}; choose ddim, plms", key="samplers")
+
+
+@dataclass
+class FinetuneConfig:
+    """What training changes: the whole UNet, or a low-rank adapter on it."""
+
+    method: Literal["full", "lora"] = "full"
+    """``full``: every UNet weight trains; ``lora``: only an adapter (``lora``) trains and the
+    training checkpoints hold only the adapter (the base weights come from ``init_from``)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """The adapter (used with ``method: lora``)."""

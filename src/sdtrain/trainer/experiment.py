@@ -19,6 +19,7 @@ from sdtrain.models.conditioning import required_data
 from sdtrain.models.config import ModelConfig
 from sdtrain.trainer.config import (
     CheckpointConfig,
+    FinetuneConfig,
     LoggingConfig,
     OptimConfig,
     RunConfig,
@@ -42,7 +43,9 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     """AdamW and the LR warm-up."""
     ema: EMAConfig = field(default_factory=EMAConfig)
-    """EMA of the UNet."""
+    """EMA of the UNet (of the adapter weights with ``finetune.method: lora``)."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Full fine-tuning or a LoRA / LoHa / LoKr adapter."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Training-state checkpoints."""
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -54,6 +57,9 @@ class ExperimentConfig:
     init_from: str = ""
     """An original-layout checkpoint (.ckpt / .safetensors) to start from (UNet, VAE, text
     encoder; a 4-channel UNet is widened to the configured input channels)."""
+    init_lora: str = ""
+    """A LoRA file (kohya / A1111 or diffusers layout, ``.safetensors``) the adapter starts from
+    (``finetune.method: lora``, ``kind: lora``; used only when the run starts, not on resume)."""
     resume: str = ""
     """``auto``: continue from the newest complete checkpoint in the run folder; or a path."""
     seed: int = 0
@@ -62,6 +68,10 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         # Lightning's seed_everything replaces a seed outside [0, 2^32) by a random one.
         require_range(self, "seed", low=0, high=2**32 - 1)
+        if self.finetune.method == "lora":
+            _check_lora_targets(self)
+        elif self.init_lora:
+            raise ConfigError("needs finetune.method: lora", key="init_lora")
         # Only a config that names training data must provide what the model conditions on.
         if not self.data.shards:
             return
@@ -78,3 +88,17 @@ def load_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> E
     """Merge experiment files ``paths`` in order (each with its ``include:`` files), apply
     ``overrides`` (``a.b=value``); return the checked ``ExperimentConfig``."""
     return load_dataclass(ExperimentConfig, paths, overrides)
+
+
+def _check_lora_targets(cfg: ExperimentConfig) -> None:
+    """Every target pattern must match a module of this UNet (built on the meta device)."""
+    import torch
+
+    from sdtrain.models.lora import adaptable_modules, resolve_targets
+    from sdtrain.models.unet import UNetModel
+
+    if cfg.init_lora and cfg.finetune.lora.kind != "lora":
+        raise ConfigError("reads LoRA files only: set finetune.lora.kind: lora", key="init_lora")
+    with torch.device("meta"):
+        unet = UNetModel(cfg.model.unet)
+    resolve_targets(adaptable_modules(unet), cfg.finetune.lora.targets)

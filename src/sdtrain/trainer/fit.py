@@ -28,6 +28,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from sdtrain.config.loader import to_dict, to_yaml
 from sdtrain.errors import CheckpointError, ConfigError, WriteError
 from sdtrain.models.adapters.diffusers import read_model_weights
+from sdtrain.models.lora import add_adapter
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.checkpoints import (
     AtomicCheckpointIO,
@@ -210,6 +211,12 @@ def build_module(cfg: ExperimentConfig) -> LatentDiffusionModule:
         if report.widened_from:
             log.info("widened the UNet input from %d to %d channels (extra channels zero)",
                      report.widened_from, cfg.model.unet.in_channels)  # fmt: skip
+    if cfg.finetune.method == "lora":
+        # Only the adapter trains; its EMA starts from the adapter, not the file's EMA UNet.
+        targets = add_adapter(model.unet, cfg.finetune.lora, cfg.init_lora)
+        ema_init = None
+        log.info("%s on %d UNet modules%s", cfg.finetune.lora.kind, len(targets),
+                 f" from {cfg.init_lora}" if cfg.init_lora else "")  # fmt: skip
     model.unet.set_gradient_checkpointing(cfg.trainer.gradient_checkpointing)
     if cfg.trainer.channels_last:
         model.unet.to(memory_format=torch.channels_last)

@@ -19,6 +19,7 @@ from sdtrain.config.loader import to_yaml
 from sdtrain.data.pipeline import LOADER_STATE_KEY, LaionLoader
 from sdtrain.data.transforms import to_model_images
 from sdtrain.diffusion.loss import diffusion_loss, sample_noise
+from sdtrain.errors import ConfigError
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.ema import EMA
 from sdtrain.trainer.experiment import ExperimentConfig
@@ -71,7 +72,8 @@ class LatentDiffusionModule(pl.LightningModule):
         optim = self.cfg.optim
         lr = self.configured_lr()
         params = [p for p in self.model.unet.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
+        adamw = adamw_class(optim.optimizer, self.device)
+        optimizer = adamw(
             params, lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_multiplier)
@@ -186,8 +188,14 @@ class LatentDiffusionModule(pl.LightningModule):
     # --- checkpoints ------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The trainable weights only: the UNet, or with a LoRA its adapter (the frozen base
+        # weights come back from init_from, like the autoencoder and text encoder).
+        trained = {UNET_PREFIX + name for name, p in self.model.unet.named_parameters()
+                   if p.requires_grad} if self.cfg.finetune.method == "lora" else None  # fmt: skip
         checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if k.startswith(UNET_PREFIX)
+            k: v
+            for k, v in checkpoint["state_dict"].items()
+            if k.startswith(UNET_PREFIX) and (trained is None or k in trained)
         }
         checkpoint["sdtrain"] = {
             "config": to_yaml(self.cfg),
@@ -211,6 +219,27 @@ class LatentDiffusionModule(pl.LightningModule):
         self.nonfinite_steps = [int(step) for step in record.get("steps", [])]
         states = extra.get("data") or []
         self.data_states = {rank: s for rank, s in enumerate(states) if s is not None}
+
+
+def adamw_class(name: str, device: torch.device) -> Any:
+    """``torch.optim.AdamW``, or bitsandbytes' 8-bit AdamW (CUDA only, optional install)."""
+    if name == "adamw":
+        return torch.optim.AdamW
+    if device.type != "cuda":
+        raise ConfigError(
+            f"optim.optimizer=adamw8bit needs a CUDA device (this run trains on {device.type}); "
+            "use optim.optimizer=adamw",
+            key="optim.optimizer",
+        )
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError(
+            "optim.optimizer=adamw8bit needs bitsandbytes, which is not installed: "
+            "pip install bitsandbytes (or use optim.optimizer=adamw)",
+            key="optim.optimizer",
+        ) from None
+    return bitsandbytes.optim.AdamW8bit
 
 
 def gather_data_states(own: Any) -> list[Any]:
