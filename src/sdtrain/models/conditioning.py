@@ -17,7 +17,9 @@ The modes, with ``C`` latent channels (4 for SD):
 - ``txt2img``: nothing (UNet input C channels);
 - ``inpainting``: the mask resized nearest to latent size (1) + the latents of the masked image
   ``image * (1 - mask)`` (C): C + 1 + C channels, as the original ``hybrid`` mode;
-- ``depth``: a depth map in [-1, 1] resized bicubic (1): C + 1 channels.
+- ``depth``: a depth map in [-1, 1] resized bicubic (1): C + 1 channels; from the shards, or
+  (``model.depth.source: midas``) computed from the images by the frozen MiDaS
+  (``models.midas``), as the original ``LatentDepth2ImageDiffusion``.
 
 An x4 upscaler would be one more component: its ``from_batch`` / ``from_inputs`` noise the low-res
 image (extra channels) and put the noise level into ``kwargs["y"]``, which ``unconditional``
@@ -42,7 +44,10 @@ Conditioning = Literal["txt2img", "inpainting", "depth"]
 
 
 class FirstStage(Protocol):
-    """What a component uses of the model (a ``StableDiffusion``): its frozen first stage."""
+    """What a component uses of the model (a ``StableDiffusion``): its frozen first stage and,
+    for ``depth.source: midas``, its frozen depth estimator (None otherwise)."""
+
+    depth_estimator: Any
 
     def encode_images(
         self, images: Tensor, generator: torch.Generator | None = None, sample: bool = True
@@ -142,6 +147,14 @@ class ConditioningComponent:
     def extra_channels(self, latent_channels: int) -> int:
         """Channels concatenated after ``latent_channels`` noisy latent channels."""
         return 0
+
+    def required_data(self, depth: DepthConfig) -> tuple[str, ...]:
+        """The ``data.<section>.enabled`` switches training needs (``data_sections``)."""
+        return self.data_sections
+
+    def frozen_estimator(self, depth: DepthConfig) -> str | None:
+        """The name of the frozen estimator the model must hold (``models.midas``), or None."""
+        return None
 
     def channels(self, latent_hw: tuple[int, int], parts: Mapping[str, Tensor]) -> Tensor | None:
         """The concatenated channels (B, C', h, w) from already-encoded ``parts``."""
@@ -287,8 +300,29 @@ class Inpainting(ConditioningComponent):
         }
 
 
+@dataclass
+class DepthConfig:
+    """Where a depth model's depth channel comes from (``model.depth``)."""
+
+    source: Literal["shard", "midas"] = "shard"
+    """``shard``: depth maps stored in the shards (``data.depth``); ``midas``: the frozen MiDaS
+    estimator computes them from the batch's images inside the step, as the original."""
+    estimator: Literal["dpt_hybrid", "tiny"] = "dpt_hybrid"
+    """The MiDaS size (``models.midas.MIDAS_CONFIGS``); ``tiny`` for tests and the demo."""
+    weights: str = ""
+    """A MiDaS weights file (``dpt_hybrid-midas-501f0c75.pt``, or any file holding
+    ``depth_model.*``) for the estimator when ``init_from`` has no ``depth_model.*``."""
+
+    def __post_init__(self) -> None:
+        if self.source not in ("shard", "midas"):
+            raise ConfigError(f"is {self.source!r}; choose shard or midas", key="source")
+        if self.estimator not in ("dpt_hybrid", "tiny"):
+            raise ConfigError(f"is {self.estimator!r}; choose dpt_hybrid or tiny", key="estimator")
+
+
 class Depth(ConditioningComponent):
-    """A depth map (SD 2 depth: MiDaS depth in [-1, 1])."""
+    """A depth map (SD 2 depth: MiDaS depth in [-1, 1]), from the shards or computed on the fly
+    by the frozen MiDaS (``model.depth.source``)."""
 
     name = "depth"
     description = "depth"
@@ -313,8 +347,18 @@ class Depth(ConditioningComponent):
         latents: Tensor,
         generator: torch.Generator | None,
     ) -> UNetConditioning:
+        latent_hw = tuple(latents.shape[-2:])
+        if model.depth_estimator is not None:
+            # As the original get_input: MiDaS on the images, resized, scaled to [-1, 1].
+            return UNetConditioning(model.depth_estimator.conditioning(images, latent_hw))
         depth = batch["depth"].to(images.device)
-        return UNetConditioning(self.channels(tuple(latents.shape[-2:]), {"depth": depth}))
+        return UNetConditioning(self.channels(latent_hw, {"depth": depth}))
+
+    def required_data(self, depth: DepthConfig) -> tuple[str, ...]:
+        return () if depth.source == "midas" else self.data_sections
+
+    def frozen_estimator(self, depth: DepthConfig) -> str | None:
+        return depth.estimator if depth.source == "midas" else None
 
     def from_inputs(
         self, model: FirstStage, inputs: ConditioningInputs, latent_hw: tuple[int, int]
@@ -358,9 +402,10 @@ def extra_input_channels(conditioning: str, latent_channels: int) -> int:
     return conditioning_component(conditioning).extra_channels(latent_channels)
 
 
-def required_data(conditioning: str) -> tuple[str, ...]:
-    """The ``data.<section>.enabled`` switches that training a ``conditioning`` model needs."""
-    return conditioning_component(conditioning).data_sections
+def required_data(conditioning: str, depth: DepthConfig | None = None) -> tuple[str, ...]:
+    """The ``data.<section>.enabled`` switches that training a ``conditioning`` model needs
+    (with ``depth.source: midas`` a depth model needs none)."""
+    return conditioning_component(conditioning).required_data(depth or DepthConfig())
 
 
 def _and(names: list[str]) -> str:

@@ -13,11 +13,16 @@ from dataclasses import dataclass, field
 from sdtrain.diffusion.schedule import DiffusionConfig
 from sdtrain.errors import ConfigError
 from sdtrain.models.autoencoder import AutoencoderConfig
-from sdtrain.models.conditioning import Conditioning, extra_input_channels
+from sdtrain.models.conditioning import (
+    Conditioning,
+    DepthConfig,
+    conditioning_component,
+    extra_input_channels,
+)
 from sdtrain.models.text_encoders import TextEncoderConfig
 from sdtrain.models.unet import UNetConfig
 
-__all__ = ["Conditioning", "ModelConfig", "extra_input_channels"]
+__all__ = ["Conditioning", "DepthConfig", "ModelConfig", "extra_input_channels"]
 
 
 @dataclass
@@ -37,6 +42,8 @@ class ModelConfig:
     """The frozen text encoder (SD1 CLIP ViT-L/14 or SD2 OpenCLIP ViT-H/14)."""
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     """Noise schedule and objective."""
+    depth: DepthConfig = field(default_factory=DepthConfig)
+    """Depth models: where the depth channel comes from (shards or the frozen MiDaS)."""
 
     def __post_init__(self) -> None:
         latent = self.autoencoder.embed_dim
@@ -52,6 +59,14 @@ class ModelConfig:
                 f"is {self.unet.in_channels} but conditioning '{self.conditioning}' with {latent} "
                 f"latent channels needs {expected_in}",
                 key="unet.in_channels",
+            )
+        if self.depth.source != "shard" and not conditioning_component(
+            self.conditioning
+        ).frozen_estimator(self.depth):
+            raise ConfigError(
+                f"is {self.depth.source!r} but a '{self.conditioning}' model has no depth "
+                "channel (conditioning: depth)",
+                key="depth.source",
             )
         if self.unet.context_dim != self.text_encoder.width:
             raise ConfigError(

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,8 @@ from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from sdtrain.errors import ConfigError, DataError
+from sdtrain.errors import CheckpointError, ConfigError, DataError
+from sdtrain.utils import files
 
 __all__ = [
     "MIDAS_CONFIGS",
@@ -46,6 +49,7 @@ __all__ = [
     "depth_conditioning",
     "midas_input",
     "midas_input_size",
+    "read_midas_weights",
 ]
 
 TRAINING_EPS = 1e-3
@@ -388,3 +392,42 @@ def depth_conditioning(
     low = torch.amin(small, dim=(1, 2, 3), keepdim=True)
     high = torch.amax(small, dim=(1, 2, 3), keepdim=True)
     return 2.0 * (small - low) / (high - low + eps) - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight files
+# ---------------------------------------------------------------------------------------------
+
+
+def read_midas_weights(path: files.PathLike) -> dict[str, Tensor]:
+    """The estimator's state dict (``model.pretrained.*`` keys) from a MiDaS release file
+    (``dpt_hybrid-midas-501f0c75.pt``: ``pretrained.*`` / ``scratch.*``, possibly under
+    ``model`` with an ``optimizer``), a depth checkpoint (``depth_model.*``) or a ``.safetensors``
+    of either; read with ``weights_only``."""
+    path = Path(path)
+    files.check_readable(path)
+    if path.suffix.lower() == ".safetensors":
+        raw: object = files.read_safetensors(path)[0]
+    else:
+        raw = files.load_torch(path)
+    if isinstance(raw, Mapping) and "optimizer" in raw and isinstance(raw.get("model"), Mapping):
+        raw = raw["model"]
+    if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
+        raw = raw["state_dict"]
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"holds a {type(raw).__name__}, not MiDaS weights", path)
+    out: dict[str, Tensor] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            continue
+        if key.startswith("depth_model."):
+            out[key.removeprefix("depth_model.")] = value
+        elif key.startswith(("pretrained.", "scratch.")):
+            out["model." + key] = value
+        elif key.startswith(("model.pretrained.", "model.scratch.")):
+            out[key] = value
+    if not out:
+        raise CheckpointError(
+            "has no MiDaS weights (no depth_model.*, pretrained.* or scratch.* tensors)", path
+        )
+    return out

@@ -30,6 +30,7 @@ from sdtrain.models.conditioning import (
     UNetConditioning,
     conditioning_component,
 )
+from sdtrain.models.midas import MiDaS, build_midas, read_midas_weights
 from sdtrain.models.text_encoders import FrozenTextEncoder, TextStateDictError
 from sdtrain.models.unet import UNetModel
 
@@ -42,7 +43,7 @@ class LoadReport:
     """What ``StableDiffusion.load_original`` took from a checkpoint."""
 
     loaded: list[str] = field(default_factory=list)
-    """Parts loaded: any of "unet", "vae", "text"."""
+    """Parts loaded: any of "unet", "vae", "text", "depth"."""
     widened_from: int | None = None
     """The checkpoint UNet's input channels when it was widened, else None."""
     ema: dict[str, torch.Tensor] | None = None
@@ -65,12 +66,35 @@ class StableDiffusion(nn.Module):
         self.autoencoder = freeze(AutoencoderKL(cfg.autoencoder))
         self.text_encoder = FrozenTextEncoder(cfg.text_encoder)
         self.schedule = NoiseSchedule(cfg.diffusion)
+        estimator = conditioning_component(cfg.conditioning).frozen_estimator(cfg.depth)
+        self.depth_estimator: MiDaS | None = build_midas(estimator) if estimator else None
+        """The frozen MiDaS of ``model.depth.source: midas`` (original ``depth_model``)."""
 
     def train(self, mode: bool = True) -> StableDiffusion:
         """Only the UNet ever trains; the first stage and text encoder stay in eval mode."""
         self.training = mode
         self.unet.train(mode)
         return self
+
+    def depth_from_images(
+        self, images: torch.Tensor, size: tuple[int, int] | None = None, eps: float = 1e-3
+    ) -> torch.Tensor | None:
+        """The estimator's depth channel (B, 1, h, w) in [-1, 1] for images (B, 3, H, W) in
+        [-1, 1], at ``size`` (default the images'); None without an estimator."""
+        if self.depth_estimator is None:
+            return None
+        return self.depth_estimator.conditioning(images, size or tuple(images.shape[-2:]), eps)
+
+    def load_depth_weights(self, path: str) -> None:
+        """The estimator's weights from a MiDaS file or a depth checkpoint (strict)."""
+        if self.depth_estimator is None:
+            raise CheckpointError(
+                "model.depth.weights is set but the model has no depth estimator "
+                "(model.depth.source: midas)",
+                path,
+            )
+        weights = read_midas_weights(path)
+        load_state_dict_strict(self.depth_estimator, weights, source=path, what="MiDaS")
 
     # --- latents and conditioning -----------------------------------------------------------
 
@@ -117,13 +141,26 @@ class StableDiffusion(nn.Module):
     # --- original checkpoints ---------------------------------------------------------------
 
     def load_original(
-        self, ckpt: OriginalCheckpoint, parts: tuple[str, ...] = ("unet", "vae", "text")
+        self, ckpt: OriginalCheckpoint, parts: tuple[str, ...] | None = None
     ) -> LoadReport:
-        """Load the requested parts strictly; widen a narrower UNet input conv with zeros."""
+        """Load the requested parts strictly; widen a narrower UNet input conv with zeros.
+
+        ``parts`` default: UNet, VAE and text, and "depth" (``depth_model.*``) when the model
+        has a depth estimator."""
         source = str(ckpt.path) if ckpt.path is not None else "<state dict>"
         report = LoadReport()
+        if parts is None:
+            parts = ("unet", "vae", "text", "depth")[: 4 if self.depth_estimator else 3]
+        if "depth" in parts and self.depth_estimator is not None and not ckpt.depth:
+            raise CheckpointError(
+                "has no depth_model.* weights for the depth estimator (model.depth.source: "
+                "midas): pass the MiDaS weights file with "
+                "model.depth.weights=dpt_hybrid-midas-501f0c75.pt",
+                source,
+            )
         for part in parts:
-            weights = {"unet": ckpt.unet, "vae": ckpt.vae, "text": ckpt.text}[part]
+            weights = {"unet": ckpt.unet, "vae": ckpt.vae, "text": ckpt.text, "depth": ckpt.depth}
+            weights = weights[part]
             if not weights:
                 raise CheckpointError(f"has no {part} weights", source)
         if "unet" in parts:
@@ -141,6 +178,9 @@ class StableDiffusion(nn.Module):
             except TextStateDictError as err:
                 raise CheckpointError(f"text encoder: {err}", source) from err
             report.loaded.append("text")
+        if "depth" in parts and self.depth_estimator is not None:
+            load_state_dict_strict(self.depth_estimator, ckpt.depth, source=source, what="MiDaS")
+            report.loaded.append("depth")
         self._check_schedule(ckpt.schedule, source)
         return report
 
@@ -177,6 +217,8 @@ class StableDiffusion(nn.Module):
             "text": self.text_encoder.original_state_dict(),
             "schedule": self.schedule.original_buffers(),
         }
+        if self.depth_estimator is not None:
+            parts["depth"] = {k: v.detach() for k, v in self.depth_estimator.state_dict().items()}
         if ema is not None:
             parts["ema"] = ema
         return parts

@@ -75,7 +75,7 @@ class ExperimentConfig:
         # Only a config that names training data must provide what the model conditions on.
         if not self.data.shards:
             return
-        for section in required_data(self.model.conditioning):
+        for section in required_data(self.model.conditioning, self.model.depth):
             if not getattr(self.data, section).enabled:
                 key = f"data.{section}.enabled"
                 raise ConfigError(

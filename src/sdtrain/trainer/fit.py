@@ -202,15 +202,25 @@ def build_module(cfg: ExperimentConfig) -> LatentDiffusionModule:
     ema_init = None
     if cfg.init_from:
         ckpt = read_model_weights(cfg.init_from, cfg.model)
-        parts = tuple(
-            p for p, w in (("unet", ckpt.unet), ("vae", ckpt.vae), ("text", ckpt.text)) if w
-        )
+        given = {"unet": ckpt.unet, "vae": ckpt.vae, "text": ckpt.text}
+        if model.depth_estimator is not None:  # depth_model.* of a depth checkpoint
+            given["depth"] = ckpt.depth
+        parts = tuple(p for p, w in given.items() if w)
         report = model.load_original(ckpt, parts=parts)
         ema_init = report.ema
         log.info("initialised %s from %s", ", ".join(report.loaded), cfg.init_from)
         if report.widened_from:
             log.info("widened the UNet input from %d to %d channels (extra channels zero)",
                      report.widened_from, cfg.model.unet.in_channels)  # fmt: skip
+    if model.depth_estimator is not None and cfg.model.depth.weights:
+        model.load_depth_weights(cfg.model.depth.weights)
+        log.info("depth estimator (MiDaS) from %s", cfg.model.depth.weights)
+    elif model.depth_estimator is not None and cfg.init_from and not ckpt.depth:
+        raise CheckpointError(
+            "has no depth_model.* weights for the depth estimator (model.depth.source: midas): "
+            "pass the MiDaS weights file with model.depth.weights=dpt_hybrid-midas-501f0c75.pt",
+            cfg.init_from,
+        )
     if cfg.finetune.method == "lora":
         # Only the adapter trains; its EMA starts from the adapter, not the file's EMA UNet.
         targets = add_adapter(model.unet, cfg.finetune.lora, cfg.init_lora)

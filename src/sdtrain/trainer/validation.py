@@ -335,6 +335,9 @@ class ValidationCallback(Callback):
         if not model.conditioning.sample_inputs:
             return inputs
         images, depth = self.reference_images(len(v.prompts), size)
+        # model.depth.source: midas -> the estimator's depth of the images, as in training.
+        estimated = model.depth_from_images(images.to(device))
+        depth = depth if estimated is None else estimated
         inputs.conditioning = model.conditioning.stand_in_inputs(images, depth).to(device)
         return inputs
 

@@ -3,7 +3,8 @@
 The original ``LatentDiffusion`` saves one flat state dict: the UNet under
 ``model.diffusion_model.``, the VAE under ``first_stage_model.``, the text tower under
 ``cond_stage_model.``, the EMA copy of the UNet under ``model_ema.`` with flattened names, and the
-12 noise-schedule buffers (``diffusion.schedule.SCHEDULE_BUFFERS``) without a prefix. This module
+12 noise-schedule buffers (``diffusion.schedule.SCHEDULE_BUFFERS``) without a prefix; a depth model
+(``LatentDepth2ImageDiffusion``) adds its frozen MiDaS under ``depth_model.``. This module
 turns such a file into plain
 per-part tensor dicts (keys without prefix) and back, widens a UNet input conv for inpainting /
 depth, loads parts strictly into modules and summarises a file. It knows nothing about our model
@@ -27,6 +28,7 @@ from sdtrain.utils import files
 from sdtrain.utils.files import PathLike
 
 __all__ = [
+    "DEPTH_PREFIX",
     "EMA_PREFIX",
     "SAFETENSORS_SUFFIX",
     "SCHEDULE_BUFFERS",
@@ -54,6 +56,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
 EMA_PREFIX = "model_ema."
+DEPTH_PREFIX = "depth_model."
 # LitEma names each shadow buffer after the parameter's full name inside `self.model`
 # (a DiffusionWrapper), i.e. `diffusion_model.<unet key>`, with every dot removed.
 EMA_UNET_STEM = "diffusion_model"
@@ -84,6 +87,8 @@ class OriginalCheckpoint:
     """`cond_stage_model.*`: `transformer.text_model.*` (SD1) or `model.*` (SD2)."""
     ema: dict[str, Tensor] = field(default_factory=dict)
     """EMA copy of the UNet, de-flattened to UNet keys."""
+    depth: dict[str, Tensor] = field(default_factory=dict)
+    """`depth_model.*`: the MiDaS depth estimator of a depth model (`model.pretrained.*`)."""
     ema_meta: dict[str, Tensor] = field(default_factory=dict)
     """`model_ema.decay` (float32 scalar) and `model_ema.num_updates` (int32 scalar)."""
     schedule: dict[str, Tensor] = field(default_factory=dict)
@@ -202,6 +207,8 @@ def split_original_state_dict(
             ckpt.vae[key.removeprefix(VAE_PREFIX)] = value
         elif key.startswith(TEXT_PREFIX):
             ckpt.text[key.removeprefix(TEXT_PREFIX)] = value
+        elif key.startswith(DEPTH_PREFIX):
+            ckpt.depth[key.removeprefix(DEPTH_PREFIX)] = value
         elif key.startswith(EMA_PREFIX):
             name = key.removeprefix(EMA_PREFIX)
             target = ckpt.ema_meta if name in EMA_META_KEYS else ema_flat
@@ -266,11 +273,13 @@ def build_original_state_dict(
     schedule: Mapping[str, Tensor] | None = None,
     ema_decay: float = 0.9999,
     ema_num_updates: int = 0,
+    depth: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Join unprefixed parts into one flat original-layout state dict.
 
     The order is the one `LatentDiffusion.state_dict()` produces: schedule buffers (registered on
-    the top module), then `model`, `model_ema`, `first_stage_model`, `cond_stage_model`.
+    the top module), then `model`, `model_ema`, `first_stage_model`, `cond_stage_model` and a
+    depth model's `depth_model` (registered last by `LatentDepth2ImageDiffusion`).
     """
     schedule = schedule or {}
     unknown = [name for name in schedule if name not in SCHEDULE_BUFFERS]
@@ -285,6 +294,7 @@ def build_original_state_dict(
         out.update(_prefixed(EMA_PREFIX, flatten_ema(ema)))
     out.update(_prefixed(VAE_PREFIX, vae or {}))
     out.update(_prefixed(TEXT_PREFIX, text or {}))
+    out.update(_prefixed(DEPTH_PREFIX, depth or {}))
     return out
 
 
@@ -300,6 +310,7 @@ def write_checkpoint(
     extra_metadata: Mapping[str, str] | None = None,
     ema_decay: float = 0.9999,
     ema_num_updates: int = 0,
+    depth: Mapping[str, Tensor] | None = None,
 ) -> Path:
     """Atomically write an original-layout checkpoint; the suffix picks `.ckpt` or safetensors.
 
@@ -317,6 +328,7 @@ def write_checkpoint(
             schedule=schedule,
             ema_decay=ema_decay,
             ema_num_updates=ema_num_updates,
+            depth=depth,
         )
         metadata = _check_metadata(extra_metadata)
     except CheckpointError as err:
@@ -466,6 +478,7 @@ def summarize(ckpt: OriginalCheckpoint) -> str:
         "unet": ckpt.unet,
         "vae": ckpt.vae,
         "text": ckpt.text,
+        "depth": ckpt.depth,
         "ema": ckpt.ema,
         "ema_meta": ckpt.ema_meta,
         "schedule": ckpt.schedule,
