@@ -1,6 +1,6 @@
 """The ``sdtrain`` command: one entry point, one subcommand per job.
 
-Subcommands: ``fit``, ``sample``, ``export``, ``data make-shards|stats|preview|bench``,
+Subcommands: ``fit``, ``sample``, ``eval``, ``export``, ``data make-shards|stats|preview|bench``,
 ``smoke`` (end-to-end model check), ``config`` (validate and print a resolved config) and
 ``checkpoint inspect|convert`` (original-layout files). ``slurm`` arrives with the launch issue.
 
@@ -190,6 +190,32 @@ def cmd_sample(args: argparse.Namespace) -> int:
         lora=args.lora, lora_scale=args.lora_scale,
     )  # fmt: skip
     print(result.summary())
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sdtrain.evaluation.extractors import ExtractorConfig
+    from sdtrain.evaluation.run import EvalConfig
+    from sdtrain.launch.eval import run_eval
+
+    try:
+        scales = tuple(float(s) for s in args.scales.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--scales must be numbers separated by commas, got {args.scales!r}"
+        ) from None
+    extractors = ExtractorConfig(
+        inception_weights=args.inception_weights, clip_model=args.clip_model,
+        clip_weights=args.clip_weights, seed=args.extractor_seed, antialias=args.fid_antialias,
+    )  # fmt: skip
+    cfg = EvalConfig(
+        prompts=args.prompts, reference=args.reference, scales=scales, sampler=args.sampler,
+        steps=args.steps, size=args.size, num=args.num, seed=args.seed, batch=args.batch,
+        with_replacement=args.with_replacement, reference_num=args.reference_num,
+        negative_prompt=args.negative_prompt, extractors=extractors, cache_dir=args.cache_dir,
+    )  # fmt: skip
+    config = _load(args) if args.config or args.overrides else None
+    run_eval(args.checkpoint, cfg, args.out, config=config, use_ema=args.ema)
     return EXIT_OK
 
 
@@ -390,6 +416,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--with-ema", action="store_true", help="raw UNet plus the EMA stored as model_ema.*"
     )
+    export.add_argument(
+        "--lora",
+        action="store_true",
+        help="LoRA runs: write the adapter alone (.safetensors; kohya / A1111 layout, which "
+        "ComfyUI and A1111 read)",
+    )
+    export.add_argument(
+        "--lora-format",
+        choices=("kohya", "diffusers"),
+        default=None,
+        help="with --lora: kohya (default) or diffusers (what load_lora_weights reads)",
+    )
+    export.add_argument(
+        "--merge",
+        action="store_true",
+        help="LoRA runs: a full original-layout checkpoint with the adapter merged into the "
+        "base weights (W + alpha/r * up @ down)",
+    )
     export.set_defaults(func=cmd_export)
 
     smp = sub.add_parser(
@@ -416,24 +460,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     smp.add_argument(
         "--sampler", choices=("ddim", "plms"), default="ddim", help="sampler (default ddim)"
-    export.add_argument(
-        "--lora",
-        action="store_true",
-        help="LoRA runs: write the adapter alone (.safetensors; kohya / A1111 layout, which "
-        "ComfyUI and A1111 read)",
-    )
-    export.add_argument(
-        "--lora-format",
-        choices=("kohya", "diffusers"),
-        default=None,
-        help="with --lora: kohya (default) or diffusers (what load_lora_weights reads)",
-    )
-    export.add_argument(
-        "--merge",
-        action="store_true",
-        help="LoRA runs: a full original-layout checkpoint with the adapter merged into the "
-        "base weights (W + alpha/r * up @ down)",
-    )
     )
     smp.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     smp.add_argument("--scale", type=float, default=7.5, help="guidance scale (default 7.5)")
@@ -442,6 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--size", type=int, default=None, help="pixels (default: training size)")
     smp.add_argument("--n", type=int, default=1, help="images; more than one makes a grid")
     smp.add_argument("--out", required=True, help="output .png")
+    smp.add_argument(
+        "--lora",
+        default=None,
+        metavar="FILE",
+        help="a LoRA .safetensors (kohya / A1111 or diffusers layout) merged into the UNet",
+    )
+    smp.add_argument(
+        "--lora-scale", type=float, default=1.0, help="strength of --lora (default 1.0)"
+    )
     smp.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     weights = smp.add_mutually_exclusive_group()
     weights.add_argument(
@@ -450,6 +485,66 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--no-ema", dest="ema", action="store_false", help="raw weights")
     _add_config_args(smp)
     smp.set_defaults(func=cmd_sample)
+
+    ev = sub.add_parser(
+        "eval",
+        help="FID, KID and CLIP score of checkpoints over guidance scales",
+        description="Sample every checkpoint at every guidance scale on the same prompts and "
+        "seeds, extract InceptionV3 / CLIP features and write OUT/metrics.csv, metrics.json, "
+        "fid_vs_clip.png and a grid per scale. Re-running into the same OUT continues a killed "
+        "eval. Weights are never downloaded (docs/evaluation.md).",
+    )
+    ev.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        help="run folder, step=N.ckpt, original file or diffusers folder (repeatable)",
+    )
+    ev.add_argument(
+        "--prompts",
+        required=True,
+        help="prompts: a .txt file, a COCO captions .json or a shard set",
+    )
+    ev.add_argument("--reference", required=True, help="real images: a folder or a shard set")
+    ev.add_argument("--scales", default="1.5,2,3,4,5,6,7,8", help="guidance scales (a,b,...)")
+    ev.add_argument("--sampler", choices=("plms", "ddim"), default="plms", help="default plms")
+    ev.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    ev.add_argument("--size", type=int, default=512, help="pixels (default 512)")
+    ev.add_argument("--num", type=int, default=None, help="images per scale (default: prompts)")
+    ev.add_argument("--seed", type=int, default=0, help="prompt draw and sampling seed")
+    ev.add_argument("--batch", type=int, default=8, help="images per chunk (default 8)")
+    ev.add_argument(
+        "--with-replacement",
+        action="store_true",
+        help="draw prompts with replacement when there are fewer than --num",
+    )
+    ev.add_argument("--reference-num", type=int, default=None, help="reference images used")
+    ev.add_argument("--negative-prompt", default="", help="unconditional prompt (default '')")
+    ev.add_argument(
+        "--inception-weights",
+        default=None,
+        help="pt_inception-2015-12-05 weights (default: torch-fidelity's cache)",
+    )
+    ev.add_argument("--clip-model", default="ViT-L-14", help="open_clip architecture")
+    ev.add_argument("--clip-weights", default=None, help="the CLIP model's state dict file")
+    ev.add_argument(
+        "--extractor-seed",
+        type=int,
+        default=None,
+        help="seeded random Inception/CLIP weights (tests and demos; not FID)",
+    )
+    ev.add_argument(
+        "--fid-antialias",
+        action="store_true",
+        help="antialiased resize to 299 px (torchmetrics' default) instead of TF1's",
+    )
+    ev.add_argument("--cache-dir", default=None, help="reference-feature cache folder")
+    ev.add_argument("--out", required=True, help="output folder (re-use it to continue)")
+    ev_weights = ev.add_mutually_exclusive_group()
+    ev_weights.add_argument("--ema", action="store_true", default=None, help="EMA weights")
+    ev_weights.add_argument("--no-ema", dest="ema", action="store_false", help="raw weights")
+    _add_config_args(ev)
+    ev.set_defaults(func=cmd_eval)
 
     from sdtrain.launch.data_cli import add_data_commands
 
@@ -468,15 +563,6 @@ def _stop_while_starting() -> None:
         name = signal.Signals(signum).name
         raise RunInterrupted(signum, f"stopped by {name} while starting up (nothing trained)")
 
-    smp.add_argument(
-        "--lora",
-        default=None,
-        metavar="FILE",
-        help="a LoRA .safetensors (kohya / A1111 or diffusers layout) merged into the UNet",
-    )
-    smp.add_argument(
-        "--lora-scale", type=float, default=1.0, help="strength of --lora (default 1.0)"
-    )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
 
