@@ -292,6 +292,34 @@ print("left:", multiprocessing.active_children(), "seconds:", time.monotonic() -
     assert "Traceback" not in result.stdout and "left: []" in result.stdout
 
 
+def test_a_worker_stalled_in_a_pipe_shard_is_ended_by_the_loader(
+    shard_dir: Path, tmp_path: Path
+) -> None:
+    """Worker 0 stops on a data error while worker 1 waits on a stalled storage command: the
+    loader's shutdown SIGTERMs worker 1, which ends (its command with it) instead of ignoring it."""
+    marker = "sleep 171.25"  # a command line no one else runs
+    shards = [str(tmp_path / "gone.tar"), f"pipe:{marker}; cat {tars(shard_dir)[0]}"]
+    code = (
+        LOADER_SCRIPT.format(shards=shards, min_size=64)
+        + """
+import dataclasses
+from sdtrain.errors import DataError
+start = time.monotonic()
+try:
+    list(LaionLoader(dataclasses.replace(cfg, shuffle_shards=False)))
+except DataError as err:
+    print("message:", err)
+print("left:", multiprocessing.active_children(), "seconds:", time.monotonic() - start)
+"""
+    )
+    result = run_python(code, 60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "none of its 1 shard(s) could be read" in result.stdout, result.stdout
+    assert "left: []" in result.stdout
+    leftover = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
+    assert not leftover.stdout.strip(), "the stalled shard command outlived its worker"
+
+
 def child_pids(pid: int) -> list[int]:
     children = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in children.read_text().split()] if children.exists() else []

@@ -678,7 +678,11 @@ class LaionLoader:
         finally:
             if control is not None:
                 control.stop()  # before torch's shutdown, which ends busy workers by SIGTERM
-            del batches  # the last reference: the DataLoader shuts its workers down now
+            # Now rather than when the iterator is collected (it lives in reference cycles):
+            # torch asks the workers to stop, waits, then SIGTERMs the busy ones.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         if not delivered and not resumed_mid_pass:
             # Epoch mode: Lightning would start the next epoch, and the next, without end.
             raise DataError(
