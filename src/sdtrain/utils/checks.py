@@ -58,7 +58,11 @@ def _inside(value: float, low: float | None, high: float | None, lo: bool, hi: b
 
 def _describe(low: float | None, high: float | None, lo: bool, hi: bool) -> str:
     if low is not None and high is not None:
-        return f"be in {'(' if lo else '['}{low:g}, {high:g}{')' if hi else ']'}"
+        return f"be in {'(' if lo else '['}{_num(low)}, {_num(high)}{')' if hi else ']'}"
     if low is not None:
-        return f"be {'>' if lo else '>='} {low:g}"
-    return f"be {'<' if hi else '<='} {high:g}"
+        return f"be {'>' if lo else '>='} {_num(low)}"
+    return f"be {'<' if hi else '<='} {_num(high)}"
+
+
+def _num(bound: float | None) -> str:
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)
