@@ -17,6 +17,10 @@ float32 on CPU).
     python bench/train_step.py                                  # tiny-cpu preset (CI smoke test)
     python bench/train_step.py --preset gpu --batch-size 8 --write-docs
 
+``--lora`` times every case twice, full fine-tuning and a LoRA (``configs/experiments/tiny-lora``'s
+adapter settings: rank 4 on the attention projections; ``--lora-rank`` to change), so the rows
+show what the adapter saves in step time and peak memory (``case`` ``<model>+lora@<px>``).
+
 ``--write-docs`` (or ``--out FILE``) replaces this preset's marked block in docs/benchmarks.md.
 Without a CUDA device the gpu preset prints why it skipped and exits 0.
 """
@@ -42,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sdtrain.data.transforms import to_model_images
 from sdtrain.diffusion.loss import diffusion_loss
+from sdtrain.models.lora import add_adapter
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.experiment import ExperimentConfig, load_config
 from sdtrain.trainer.module import LatentDiffusionModule, step_generator
@@ -77,6 +82,8 @@ class Preset:
     """Side of the square matmul whose rate is the reference for the utilisation."""
     threads: int | None = None
     """torch CPU threads (None: torch's default)."""
+    lora_rank: int = 0
+    """> 0: each case also with a LoRA of this rank on the attention projections."""
 
 
 PRESETS: dict[str, Preset] = {
@@ -175,9 +182,12 @@ def time_interleaved(
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_config(model: str, batch_size: int) -> ExperimentConfig:
-    """The model's config with the training defaults (AdamW, EMA, caption dropout)."""
-    return load_config([MODELS / f"{model}.yaml"], [f"data.batch_size={batch_size}"])
+def bench_config(model: str, batch_size: int, lora_rank: int = 0) -> ExperimentConfig:
+    """The model's config with the training defaults (AdamW, EMA, caption dropout); with
+    ``lora_rank`` a LoRA of that rank (alpha = rank) on the attention projections."""
+    lora = ["finetune.method=lora", f"finetune.lora.rank={lora_rank}",
+            f"finetune.lora.alpha={lora_rank}"] if lora_rank else []  # fmt: skip
+    return load_config([MODELS / f"{model}.yaml"], [f"data.batch_size={batch_size}", *lora])
 
 
 def make_batch(cfg: ExperimentConfig, pixels: int, device: torch.device) -> dict[str, Any]:
@@ -203,7 +213,10 @@ class TrainStep:
     def __init__(self, cfg: ExperimentConfig, pixels: int, device: torch.device, bf16: bool):
         self.device = device
         self.bf16 = bf16
-        self.module = LatentDiffusionModule(cfg, StableDiffusion(cfg.model)).to(device)
+        model = StableDiffusion(cfg.model)
+        if cfg.finetune.method == "lora":  # as fit's build_module: before the EMA is made
+            add_adapter(model.unet, cfg.finetune.lora)
+        self.module = LatentDiffusionModule(cfg, model).to(device)
         self.module.train()
         assert self.module.ema is not None
         self.ema = self.module.ema.to(device)
@@ -292,9 +305,11 @@ class StepResult:
     resident_mib: float | None = None
 
 
-def run_case(model: str, pixels: int, preset: Preset, checkpointing: bool) -> list[StepResult]:
+def run_case(
+    model: str, pixels: int, preset: Preset, checkpointing: bool, lora_rank: int = 0
+) -> list[StepResult]:
     device = torch.device(preset.device)
-    cfg = bench_config(model, preset.batch_size)
+    cfg = bench_config(model, preset.batch_size, lora_rank)
     bench = TrainStep(cfg, pixels, device, preset.bf16)
     bench.unet.set_gradient_checkpointing(checkpointing)
     flops = bench.flops()  # also a warm-up of both steps
@@ -306,7 +321,7 @@ def run_case(model: str, pixels: int, preset: Preset, checkpointing: bool) -> li
     for name, timing in timings.items():
         seconds = timing.median_s
         row = StepResult(
-            case=f"{model}@{pixels}px",
+            case=f"{model}{'+lora' if lora_rank else ''}@{pixels}px",
             step=name,
             shape=shape,
             median_ms=1000 * seconds,
@@ -341,6 +356,7 @@ class Report:
     iters: int
     warmup: int
     checkpointing: bool
+    lora_rank: int = 0
     matmul: str = ""
     """How the reference rate was measured, e.g. ``bf16 8192^3: 700.1 TFLOP/s``."""
     matmul_flops_per_s: float = 0.0
@@ -349,7 +365,8 @@ class Report:
 
     @property
     def section_key(self) -> str:
-        return f"train_step:{self.preset}{'+ckpt' if self.checkpointing else ''}"
+        lora = "+lora" if self.lora_rank else ""
+        return f"train_step:{self.preset}{'+ckpt' if self.checkpointing else ''}{lora}"
 
     def to_markdown(self) -> str:
         lines = [
@@ -361,6 +378,11 @@ class Report:
             "rounds (full and unet steps interleaved), median; gradient checkpointing "
             + ("on" if self.checkpointing else "off"),
         ]
+        if self.lora_rank:
+            lines.append(
+                f"- `+lora` rows: LoRA rank {self.lora_rank} (alpha {self.lora_rank}) on the "
+                "attention projections; only the adapter trains (AdamW and EMA over it alone)"
+            )
         if self.skipped:
             return "\n".join([*lines, "", f"**Skipped:** {self.skipped}", ""])
         lines += [
@@ -408,6 +430,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--matmul-size", type=int, help="side of the reference matmul")
     parser.add_argument("--checkpointing", action="store_true", help="UNet gradient checkpointing")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: preset's)")
+    parser.add_argument(
+        "--lora", action="store_true", help="each case also as a LoRA run (rows <model>+lora)"
+    )
+    parser.add_argument("--lora-rank", type=int, default=4, help="LoRA rank (default 4)")
     parser.add_argument("--write-docs", action="store_true", help=f"update {DEFAULT_DOCS.name}")
     parser.add_argument("--out", type=Path, help="update this markdown file (implies writing)")
     return parser.parse_args(argv)
@@ -428,6 +454,7 @@ def run_preset(preset: Preset, checkpointing: bool, command: str) -> Report:
         iters=preset.iters,
         warmup=preset.warmup,
         checkpointing=checkpointing,
+        lora_rank=preset.lora_rank,
     )
     if cuda and not torch.cuda.is_available():
         report.skipped = "no CUDA device here; the gpu preset needs one."
@@ -440,9 +467,10 @@ def run_preset(preset: Preset, checkpointing: bool, command: str) -> Report:
     for model in preset.models:
         for pixels in preset.pixels:
             print(f"running {model} @ {pixels}px ...", file=sys.stderr, flush=True)
-            report.rows += run_case(model, pixels, preset, checkpointing)
-            if cuda:
-                torch.cuda.empty_cache()
+            for rank in (0, preset.lora_rank) if preset.lora_rank else (0,):
+                report.rows += run_case(model, pixels, preset, checkpointing, rank)
+                if cuda:
+                    torch.cuda.empty_cache()
     # Measured before and after the cases; other work on the machine can only lower a rate, so
     # the higher one is the better estimate of what the device can do.
     rates.append(matmul_rate(device, dtype, n))
@@ -469,6 +497,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         iters=args.iters or base.iters,
         warmup=base.warmup if args.warmup is None else args.warmup,
         matmul_size=args.matmul_size or base.matmul_size,
+        lora_rank=args.lora_rank if args.lora else 0,
     )
     shown = ["python", "bench/train_step.py", *(sys.argv[1:] if argv is None else argv)]
     with torch_threads(args.threads or preset.threads):
@@ -478,6 +507,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     out = args.out or (DEFAULT_DOCS if args.write_docs else None)
     if out is not None:
         title = f"Training step: {preset.name}" + (" + checkpointing" * args.checkpointing)
+        title += f", full vs LoRA rank {preset.lora_rank}" if preset.lora_rank else ""
         write_section(out, report.section_key, title, markdown, level="###")
         print(f"wrote the {report.section_key} block of {out}", file=sys.stderr)
     return report

@@ -56,3 +56,18 @@ def test_gpu_preset_skips_without_cuda(monkeypatch) -> None:
     report = bench.main(["--preset", "gpu"])
     assert report.skipped and not report.rows
     assert "Skipped" in report.to_markdown()
+
+
+def test_train_step_lora_rows(tmp_path: Path) -> None:
+    bench = _load_bench()
+    argv = ["--preset", "tiny-cpu", "--models", "tiny-base", "--pixels", "32", "--batch-size", "1",
+            "--iters", "2", "--warmup", "1", "--matmul-size", "128", "--threads", "1",
+            "--lora"]  # fmt: skip
+    report = bench.main([*argv, "--out", str(tmp_path / "b.md")])
+    cases = ["tiny-base@32px", "tiny-base+lora@32px"]
+    assert [(r.case, r.step) for r in report.rows] == [(c, s) for c in cases for s in bench.STEPS]
+    by_key = {(r.case, r.step): r for r in report.rows}
+    # The LoRA step computes the frozen UNet's forward and backward too, plus the adapter.
+    assert by_key["tiny-base+lora@32px", "unet"].flops > 0
+    assert report.section_key == "train_step:tiny-cpu+lora"
+    assert "LoRA rank 4" in (tmp_path / "b.md").read_text()

@@ -535,3 +535,23 @@ def test_diffusers_loads_the_exported_adapter(layout: str, tmp_path: Path) -> No
     diff = (ours - out).abs().max().item()
     print(f"{layout} LoRA in diffusers: max abs diff {diff:.2e}")
     assert diff <= 1e-4
+
+
+def test_adamw8bit_is_a_clear_error_without_cuda_or_bitsandbytes(monkeypatch) -> None:
+    import builtins
+
+    from sdtrain.trainer.module import adamw_class
+
+    assert adamw_class("adamw", torch.device("cpu")) is torch.optim.AdamW
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        adamw_class("adamw8bit", torch.device("cpu"))
+    real_import = builtins.__import__
+
+    def no_bitsandbytes(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+    with pytest.raises(ConfigError, match="pip install bitsandbytes"):
+        adamw_class("adamw8bit", torch.device("cuda"))
