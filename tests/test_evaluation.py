@@ -220,11 +220,11 @@ def tiny_inputs(tmp_path_factory) -> dict[str, Path]:
     return {"checkpoint": ckpt, "prompts": prompts, "reference": ref, "root": root}
 
 
-def eval_args(inputs: dict[str, Path], out: Path, *extra: str) -> list[str]:
+def eval_args(inputs: dict[str, Path], out: Path, *extra: str, scales: str = "1,4") -> list[str]:
     return [
         "eval", "--checkpoint", str(inputs["checkpoint"]), "--config", "tiny-base",
         "--prompts", str(inputs["prompts"]), "--reference", str(inputs["reference"]),
-        "--scales", "1,4", "--steps", "2", "--size", "32", "--num", "2", "--batch", "1",
+        "--scales", scales, "--steps", "2", "--size", "32", "--num", "2", "--batch", "1",
         "--seed", "1", "--extractor-seed", "0", "--clip-model", TINY_CLIP,
         "--cache-dir", str(inputs["root"] / "cache"), "--out", str(out), *extra,
     ]  # fmt: skip
@@ -240,12 +240,12 @@ def test_eval_end_to_end_and_an_interrupted_eval_resumes_to_the_same_numbers(
     tiny_inputs: dict[str, Path], tmp_path: Path, monkeypatch, capsys
 ) -> None:
     whole = tmp_path / "whole"
-    assert main(eval_args(tiny_inputs, whole)) == 0
+    assert main(eval_args(tiny_inputs, whole, scales="4")) == 0
     printed = capsys.readouterr().out
     assert "random features" in printed and "1 unreadable skipped" in printed
     with (whole / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [float(r["scale"]) for r in rows] == [1.0, 4.0]
+    assert [float(r["scale"]) for r in rows] == [4.0]
     for column in ("checkpoint", "scale", "sampler", "steps", "num", "fid", "kid", "kid_std",
                    "clip_score", "seconds"):  # fmt: skip
         assert column in rows[0]
@@ -253,32 +253,31 @@ def test_eval_end_to_end_and_an_interrupted_eval_resumes_to_the_same_numbers(
     assert all(math.isfinite(float(r["fid"])) and float(r["fid"]) >= 0 for r in rows)
     assert all(r["reference_num"] == "3" for r in rows)
     assert (whole / "fid_vs_clip.png").stat().st_size > 0
-    assert len(list((whole / "grids").rglob("scale=*.png"))) == 2
+    assert len(list((whole / "grids").rglob("scale=*.png"))) == 1
 
-    # Interrupt after two of the four chunks (2 scales x 2 images, one per chunk), continue.
+    # Interrupt after the first of the two chunks (one image each), then continue.
     real_chunk, calls = eval_run._generate_chunk, []
 
     def interrupted(*args, **kwargs):
         calls.append(args[4])
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise KeyboardInterrupt
         return real_chunk(*args, **kwargs)
 
     part = tmp_path / "part"
     monkeypatch.setattr(eval_run, "_generate_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        main(eval_args(tiny_inputs, part))
+        main(eval_args(tiny_inputs, part, scales="4"))
     assert not (part / "metrics.csv").exists()
-    monkeypatch.setattr(eval_run, "_generate_chunk", real_chunk)
     resumed = []
     monkeypatch.setattr(eval_run, "_generate_chunk",
                         lambda *a, **k: resumed.append(a[4]) or real_chunk(*a, **k))  # fmt: skip
-    assert main(eval_args(tiny_inputs, part)) == 0
-    assert len(resumed) == 2  # only the missing chunks were generated
+    assert main(eval_args(tiny_inputs, part, scales="4")) == 0
+    assert resumed == [1]  # only the missing chunk was generated
     assert without_seconds(part / "metrics.json") == without_seconds(whole / "metrics.json")
     capsys.readouterr()
     # Other settings into the same folder are refused, naming what differs.
-    assert main(eval_args(tiny_inputs, part, "--sampler", "ddim")) == 2
+    assert main(eval_args(tiny_inputs, part, "--sampler", "ddim", scales="4")) == 2
     assert "sampler differ" in capsys.readouterr().err
 
 
