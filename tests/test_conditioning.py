@@ -71,14 +71,14 @@ def pictures(mode: str, batch: int = 2, size: int = 64) -> dict[str, torch.Tenso
 
 def test_registry_covers_every_configurable_mode() -> None:
     modes = set(typing.get_args(Conditioning))
-    assert modes == set(CONDITIONINGS) == {"txt2img", "inpainting", "depth"}
+    assert modes == set(CONDITIONINGS) == {"txt2img", "inpainting", "depth", "upscale"}
     field_type = typing.get_type_hints(ModelConfig)["conditioning"]
     assert set(typing.get_args(field_type)) == modes
     for name, component in CONDITIONINGS.items():
         assert component.name == name
         assert conditioning_component(name) is component
-    with pytest.raises(ConfigError, match="unknown conditioning 'upscale'"):
-        conditioning_component("upscale")
+    with pytest.raises(ConfigError, match="unknown conditioning 'superres'"):
+        conditioning_component("superres")
 
 
 @pytest.mark.parametrize("path", sorted(MODELS.glob("*.yaml")), ids=lambda p: p.stem)
@@ -88,8 +88,9 @@ def test_channels_equal_the_configured_unet_inputs(path: Path) -> None:
     extra = conditioning_component(cfg.conditioning).extra_channels(latent)
     assert latent + extra == cfg.unet.in_channels
     assert extra_input_channels(cfg.conditioning, latent) == extra
-    # The released layouts: 4 (base), 9 (inpainting), 5 (depth) input channels.
-    assert cfg.unet.in_channels == {"txt2img": 4, "inpainting": 9, "depth": 5}[cfg.conditioning]
+    # The released layouts: 4 (base), 9 (inpainting), 5 (depth), 7 (x4 upscaler) input channels.
+    expected = {"txt2img": 4, "inpainting": 9, "depth": 5, "upscale": 7}
+    assert cfg.unet.in_channels == expected[cfg.conditioning]
 
 
 def test_data_requirements_name_real_data_switches() -> None:

@@ -21,9 +21,11 @@ The modes, with ``C`` latent channels (4 for SD):
   (``model.depth.source: midas``) computed from the images by the frozen MiDaS
   (``models.midas``), as the original ``LatentDepth2ImageDiffusion``.
 
-An x4 upscaler would be one more component: its ``from_batch`` / ``from_inputs`` noise the low-res
-image (extra channels) and put the noise level into ``kwargs["y"]``, which ``unconditional``
-keeps, and it names the data it trains on in ``data_sections``.
+- ``upscale``: the x4 upscaler (original ``LatentUpscaleDiffusion``): a low-res RGB image at
+  latent size, noise-augmented to a noise level (``models.upscaling``), is concatenated (3):
+  C + 3 channels, and the level is the UNet's class label ``kwargs["y"]``, which the
+  unconditional branch keeps, as the original. Training makes the low-res image from the target
+  crop (``data.degradation``) and draws the level per sample from the step's generator.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sdtrain.data.degradation import degrade, downscale
 from sdtrain.data.transforms import masked_images
 from sdtrain.diffusion.samplers import KnownRegion
 from sdtrain.errors import ConfigError
+from sdtrain.models.upscaling import LowResNoise, UpscaleConfig
 
-Conditioning = Literal["txt2img", "inpainting", "depth"]
+Conditioning = Literal["txt2img", "inpainting", "depth", "upscale"]
 
 
 class FirstStage(Protocol):
@@ -48,6 +52,7 @@ class FirstStage(Protocol):
     for ``depth.source: midas``, its frozen depth estimator (None otherwise)."""
 
     depth_estimator: Any
+    low_scale_model: LowResNoise | None
 
     def encode_images(
         self, images: Tensor, generator: torch.Generator | None = None, sample: bool = True
@@ -91,6 +96,10 @@ class ConditioningInputs:
     """(B, 1, H, W): 1 (>= 0.5) = repaint."""
     depth: Tensor | None = None
     """(B, 1, H, W) in [-1, 1]."""
+    noise_level: Tensor | None = None
+    """(B,) int64: the x4 upscaler's noise level of its low-res ``image`` (default: configured)."""
+    target: Tensor | None = None
+    """(B, 3, H, W) in [-1, 1]: the high-res original of an upscaler's ``image`` (grids only)."""
 
     def given(self) -> set[str]:
         """The names of the inputs present."""
@@ -143,6 +152,8 @@ class ConditioningComponent:
     """Fields it accepts without needing them (shown beside the result)."""
     parts: ClassVar[tuple[str, ...]] = ()
     """The encoded parts ``channels`` concatenates."""
+    widens_base: ClassVar[bool] = True
+    """A 4-channel base UNet may initialise this mode, widened with zero input channels."""
 
     def extra_channels(self, latent_channels: int) -> int:
         """Channels concatenated after ``latent_channels`` noisy latent channels."""
@@ -155,6 +166,13 @@ class ConditioningComponent:
     def frozen_estimator(self, depth: DepthConfig) -> str | None:
         """The name of the frozen estimator the model must hold (``models.midas``), or None."""
         return None
+
+    def noise_augmentation(self, cfg: UpscaleConfig) -> LowResNoise | None:
+        """The low-res noise augmentation the model must hold (``models.upscaling``), or None."""
+        return None
+
+    def check_model(self, cfg: Any) -> None:
+        """Rules a ``ModelConfig`` of this mode must keep beyond the channel count."""
 
     def channels(self, latent_hw: tuple[int, int], parts: Mapping[str, Tensor]) -> Tensor | None:
         """The concatenated channels (B, C', h, w) from already-encoded ``parts``."""
@@ -176,11 +194,20 @@ class ConditioningComponent:
         return UNetConditioning()
 
     def from_inputs(
-        self, model: FirstStage, inputs: ConditioningInputs, latent_hw: tuple[int, int]
+        self,
+        model: FirstStage,
+        inputs: ConditioningInputs,
+        latent_hw: tuple[int, int],
+        generator: torch.Generator | None = None,
     ) -> UNetConditioning:
-        """Sampling: pixel-space ``inputs`` -> conditioning at ``latent_hw`` (no random draw)."""
+        """Sampling: pixel-space ``inputs`` -> conditioning at ``latent_hw``; only the upscaler
+        draws (its noise augmentation, from ``generator``)."""
         self.check_inputs(inputs.given())
         return UNetConditioning()
+
+    def latent_size(self, inputs: ConditioningInputs) -> tuple[int, int] | None:
+        """The latent size the inputs fix (an upscaler's low-res image), or None."""
+        return None
 
     def unconditional(self, cond: UNetConditioning) -> UNetConditioning:
         """What the unconditional branch of classifier-free guidance sees: all of it."""
@@ -205,6 +232,14 @@ class ConditioningComponent:
         """The one picture (N, 1, S, S) in [-1, 1] a grid shows beside the input: mask / depth."""
         pictures = self.pictures(inputs)
         return next(iter(pictures.values())) if pictures else None
+
+    def grid_pictures(self, inputs: ConditioningInputs, results: Tensor) -> list[Tensor]:
+        """The rows of a validation grid, each (N, C, S, S) in [-1, 1]: [results] or
+        [input, mask / depth, results]."""
+        hint = self.hint_picture(inputs)
+        if inputs.image is None or hint is None:
+            return [results]
+        return [inputs.image, hint, results]
 
     def check_inputs(self, given: set[str], model_name: str = "the model") -> None:
         """Sampling inputs this mode needs or cannot use: a ConfigError naming them."""
@@ -268,7 +303,11 @@ class Inpainting(ConditioningComponent):
         return UNetConditioning(self.channels(tuple(latents.shape[-2:]), parts))
 
     def from_inputs(
-        self, model: FirstStage, inputs: ConditioningInputs, latent_hw: tuple[int, int]
+        self,
+        model: FirstStage,
+        inputs: ConditioningInputs,
+        latent_hw: tuple[int, int],
+        generator: torch.Generator | None = None,
     ) -> UNetConditioning:
         """As the original ``scripts/inpaint``: the mask binarised at 0.5, the masked image
         ``image * (mask < 0.5)`` encoded to its posterior mode."""
@@ -361,7 +400,11 @@ class Depth(ConditioningComponent):
         return depth.estimator if depth.source == "midas" else None
 
     def from_inputs(
-        self, model: FirstStage, inputs: ConditioningInputs, latent_hw: tuple[int, int]
+        self,
+        model: FirstStage,
+        inputs: ConditioningInputs,
+        latent_hw: tuple[int, int],
+        generator: torch.Generator | None = None,
     ) -> UNetConditioning:
         self.check_inputs(inputs.given())
         assert inputs.depth is not None
@@ -377,12 +420,125 @@ class Depth(ConditioningComponent):
         return {"depth": inputs.depth}
 
 
+class Upscale(ConditioningComponent):
+    """The x4 upscaler: the noise-augmented low-res image (3 channels) + its level as ``y``."""
+
+    name = "upscale"
+    description = "x4 upscaler"
+    sample_inputs = ("image",)
+    optional_inputs = ("noise_level", "target")
+    widens_base = False
+
+    def extra_channels(self, latent_channels: int) -> int:
+        return 3
+
+    def noise_augmentation(self, cfg: UpscaleConfig) -> LowResNoise | None:
+        return LowResNoise(cfg)
+
+    def check_model(self, cfg: Any) -> None:
+        """The low-res image is concatenated at latent size and its level is a class label."""
+        factor = cfg.autoencoder.downsampling_factor
+        if cfg.upscale.factor != factor:
+            raise ConfigError(
+                f"is {cfg.upscale.factor} but the autoencoder downsamples by {factor}: the "
+                "low-res image is concatenated at latent size",
+                key="upscale.factor",
+            )
+        labels = cfg.unet.num_classes
+        if labels is None or labels <= cfg.upscale.max_noise_level:
+            raise ConfigError(
+                f"is {labels} but an upscaler's noise levels 0..{cfg.upscale.max_noise_level} "
+                "are its class labels (x4: num_classes 1000)",
+                key="unet.num_classes",
+            )
+
+    def _noise(self, model: FirstStage) -> LowResNoise:
+        assert model.low_scale_model is not None, "an upscale model holds its low_scale_model"
+        return model.low_scale_model
+
+    def augment(
+        self, model: FirstStage, low: Tensor, levels: Tensor, generator: torch.Generator | None
+    ) -> UNetConditioning:
+        """Noise the low-res images (B, 3, h, w) to ``levels`` (B,); the levels become ``y``."""
+        noise = torch.randn(low.shape, generator=generator, device=low.device, dtype=low.dtype)
+        augmented = self._noise(model)(low, levels, noise)  # (B, 3, h, w)
+        return UNetConditioning(augmented, {"y": levels})
+
+    def from_batch(
+        self,
+        model: FirstStage,
+        batch: Mapping[str, Any],
+        images: Tensor,
+        latents: Tensor,
+        generator: torch.Generator | None,
+    ) -> UNetConditioning:
+        """As the original ``get_input``: the low-res image (made from the target crop by the
+        configured degradation), a level per sample in [0, max_noise_level), its noise."""
+        noise_model = self._noise(model)
+        cfg = noise_model.config
+        low = degrade(images, cfg.factor, cfg.degradation, generator)  # (B, 3, h, w)
+        self.check_low_res(low, tuple(latents.shape[-2:]), cfg.factor)
+        levels = noise_model.draw_levels(len(images), generator, images.device)
+        return self.augment(model, low, levels, generator)
+
+    def check_low_res(self, low: Tensor, latent_hw: tuple[int, ...], factor: int) -> None:
+        if tuple(low.shape[-2:]) != tuple(latent_hw):
+            h, w = low.shape[-2:]
+            raise ConfigError(
+                f"the low-res image is {h}x{w} but a {latent_hw[0] * factor}x"
+                f"{latent_hw[1] * factor} output needs 1/{factor} of it: "
+                f"{latent_hw[0]}x{latent_hw[1]}"
+            )
+
+    def latent_size(self, inputs: ConditioningInputs) -> tuple[int, int] | None:
+        if inputs.image is None:
+            return None
+        return int(inputs.image.shape[-2]), int(inputs.image.shape[-1])
+
+    def from_inputs(
+        self,
+        model: FirstStage,
+        inputs: ConditioningInputs,
+        latent_hw: tuple[int, int],
+        generator: torch.Generator | None = None,
+    ) -> UNetConditioning:
+        """The low-res ``image`` at latent size, noised to ``noise_level`` (default the
+        configured ``model.upscale.noise_level``) with noise from ``generator``."""
+        self.check_inputs(inputs.given())
+        assert inputs.image is not None
+        noise_model = self._noise(model)
+        cfg = noise_model.config
+        self.check_low_res(inputs.image, latent_hw, cfg.factor)
+        n = len(inputs.image)
+        levels = inputs.noise_level
+        if levels is None:
+            levels = torch.full((n,), cfg.noise_level, dtype=torch.long)
+        levels = levels.to(inputs.image.device, torch.long).reshape(-1).expand(n)
+        return self.augment(model, inputs.image, levels, generator)
+
+    def stand_in_inputs(self, images: Tensor, depth: Tensor | None = None) -> ConditioningInputs:
+        """The plain bicubic low-res version of ``images`` (their factor is read off the sizes
+        later; 4 here as every shipped upscaler), the images as the target."""
+        return ConditioningInputs(image=downscale(images, 4), target=images)
+
+    def pictures(self, inputs: ConditioningInputs) -> dict[str, Tensor]:
+        assert inputs.image is not None
+        return {"low-res": inputs.image}
+
+    def grid_pictures(self, inputs: ConditioningInputs, results: Tensor) -> list[Tensor]:
+        """low-res (nearest, at the output size) | upscaled | target (when known)."""
+        assert inputs.image is not None
+        low = F.interpolate(inputs.image.float(), size=results.shape[-2:], mode="nearest")
+        rows = [low, results]
+        return rows if inputs.target is None else [*rows, inputs.target]
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry
 # ---------------------------------------------------------------------------------------------
 
 CONDITIONINGS: dict[str, ConditioningComponent] = {
-    c.name: c for c in (TextToImage(), Inpainting(), Depth())
+    c.name: c for c in (TextToImage(), Inpainting(), Depth(), Upscale())
 }
 
 

@@ -21,8 +21,9 @@ from sdtrain.models.conditioning import (
 )
 from sdtrain.models.text_encoders import TextEncoderConfig
 from sdtrain.models.unet import UNetConfig
+from sdtrain.models.upscaling import UpscaleConfig
 
-__all__ = ["Conditioning", "DepthConfig", "ModelConfig", "extra_input_channels"]
+__all__ = ["Conditioning", "DepthConfig", "ModelConfig", "UpscaleConfig", "extra_input_channels"]
 
 
 @dataclass
@@ -33,7 +34,8 @@ class ModelConfig:
     """A label for logs and exported files (e.g. ``sd15-inpainting``)."""
     conditioning: Conditioning = "txt2img"
     """What the UNet sees besides the noisy latents: nothing, inpainting mask + masked image
-    latents (9 input channels), or a depth map (5 input channels)."""
+    latents (9 input channels), a depth map (5 input channels) or an x4 upscaler's noise-augmented
+    low-res image (7 input channels, plus its noise level as the UNet's class label)."""
     unet: UNetConfig = field(default_factory=UNetConfig)
     """The denoiser (original ``unet_config.params``)."""
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -44,6 +46,8 @@ class ModelConfig:
     """Noise schedule and objective."""
     depth: DepthConfig = field(default_factory=DepthConfig)
     """Depth models: where the depth channel comes from (shards or the frozen MiDaS)."""
+    upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
+    """Upscalers: the low-res input's factor, noise schedule and levels, and its degradation."""
 
     def __post_init__(self) -> None:
         latent = self.autoencoder.embed_dim
@@ -68,6 +72,7 @@ class ModelConfig:
                 "channel (conditioning: depth)",
                 key="depth.source",
             )
+        conditioning_component(self.conditioning).check_model(self)
         if self.unet.context_dim != self.text_encoder.width:
             raise ConfigError(
                 f"is {self.unet.context_dim} but the text encoder width is "

@@ -44,6 +44,7 @@ def sample_images(
     image: Tensor | None = None,
     mask: Tensor | None = None,
     depth: Tensor | None = None,
+    noise_level: int | Tensor | None = None,
     sampler: SamplerName = "ddim",
     steps: int = 50,
     scale: float = 7.5,
@@ -58,15 +59,22 @@ def sample_images(
 
     The pixel-space inputs the model's conditioning needs (1 or B each, ``size`` x ``size``):
     inpainting ``image`` (3 channels, [-1, 1]) and ``mask`` (1 = repaint); depth ``depth``
-    ([-1, 1]). ``keep_unmasked`` holds the latent cells the mask does not touch to the image's
-    own latents while sampling. ``noise`` (B, C, h, w) is the start noise (then ``size`` follows
+    ([-1, 1]); x4 upscaler ``image`` (3 channels, [-1, 1], the output's 1/4 side: it sets
+    the size) and its ``noise_level`` (default ``model.upscale.noise_level``).
+    ``keep_unmasked`` holds the latent cells the mask does not touch to the image's own latents
+    while sampling. ``noise`` (B, C, h, w) is the start noise (then ``size`` follows
     from it); ``chunk`` samples that many prompts at a time (default: all at once).
     """
     cfg = model.config
     component = conditioning_component(cfg.conditioning)
-    inputs = ConditioningInputs(image=image, mask=mask, depth=depth)
+    if isinstance(noise_level, int):
+        noise_level = torch.tensor([noise_level])
+    inputs = ConditioningInputs(image=image, mask=mask, depth=depth, noise_level=noise_level)
     component.check_inputs(inputs.given(), cfg.name)
-    if noise is None:
+    fixed_hw = component.latent_size(inputs)
+    if fixed_hw is not None and noise is None:
+        latent_hw = fixed_hw
+    elif noise is None:
         check_size(cfg, size)
         f = cfg.latent_downsampling
         latent_hw = (size // f, size // f)
@@ -82,7 +90,7 @@ def sample_images(
         part = slice(start, start + chunk)
         batch = list(prompts[part])
         selected = inputs.select(part)
-        cond = component.from_inputs(model, selected, latent_hw).expand(len(batch))
+        cond = component.from_inputs(model, selected, latent_hw, generator).expand(len(batch))
         uncond = component.unconditional(cond)
         known = component.known_region(model, selected, latent_hw) if keep_unmasked else None
         context = model.text_encoder.encode(batch)  # (b, 77, D)

@@ -33,6 +33,7 @@ from sdtrain.models.conditioning import (
 from sdtrain.models.midas import MiDaS, build_midas, read_midas_weights
 from sdtrain.models.text_encoders import FrozenTextEncoder, TextStateDictError
 from sdtrain.models.unet import UNetModel
+from sdtrain.models.upscaling import LowResNoise
 
 if TYPE_CHECKING:
     from sdtrain.models.config import ModelConfig
@@ -69,6 +70,10 @@ class StableDiffusion(nn.Module):
         estimator = conditioning_component(cfg.conditioning).frozen_estimator(cfg.depth)
         self.depth_estimator: MiDaS | None = build_midas(estimator) if estimator else None
         """The frozen MiDaS of ``model.depth.source: midas`` (original ``depth_model``)."""
+        self.low_scale_model: LowResNoise | None = conditioning_component(
+            cfg.conditioning
+        ).noise_augmentation(cfg.upscale)
+        """An upscaler's low-res noise augmentation (original ``low_scale_model``)."""
 
     def train(self, mode: bool = True) -> StableDiffusion:
         """Only the UNet ever trains; the first stage and text encoder stay in eval mode."""
@@ -182,6 +187,7 @@ class StableDiffusion(nn.Module):
             load_state_dict_strict(self.depth_estimator, ckpt.depth, source=source, what="MiDaS")
             report.loaded.append("depth")
         self._check_schedule(ckpt.schedule, source)
+        self._check_low_scale(ckpt.low_scale, source)
         return report
 
     def _fit_input_channels(
@@ -191,6 +197,13 @@ class StableDiffusion(nn.Module):
         weight = unet_sd.get(UNET_INPUT_CONV)
         if weight is None or weight.ndim != 4 or weight.shape[1] == want:
             return unet_sd, None
+        if not self.conditioning.widens_base:
+            raise CheckpointError(
+                f"holds a UNet with {weight.shape[1]} input channels but {self.config.name!r} is "
+                f"{self.conditioning.article()} {self.conditioning.description} model with "
+                f"{want} ({UNET_INPUT_CONV}): not a checkpoint of this kind",
+                source,
+            )
         try:
             return widen_input_channels(unet_sd, want), int(weight.shape[1])
         except CheckpointError as err:
@@ -209,6 +222,23 @@ class StableDiffusion(nn.Module):
                 source,
             )
 
+    def _check_low_scale(self, buffers: dict[str, torch.Tensor], source: str) -> None:
+        """An upscaler file's low-res noise schedule must be the configured one."""
+        if self.low_scale_model is None or not buffers:
+            return
+        ours = self.low_scale_model.original_buffers()
+        for name, value in buffers.items():
+            if name not in ours:
+                raise CheckpointError(f"unknown buffer low_scale_model.{name}", source)
+            if value.shape != ours[name].shape or not torch.allclose(
+                value.float(), ours[name], rtol=1e-5
+            ):
+                raise CheckpointError(
+                    f"its low-res noise schedule (low_scale_model.{name}) differs from the "
+                    "configured model.upscale (linear_start/linear_end/timesteps)",
+                    source,
+                )
+
     def original_parts(self, ema: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
         """Keyword arguments for ``write_checkpoint``: every part in the original layout."""
         parts: dict[str, dict] = {
@@ -219,6 +249,8 @@ class StableDiffusion(nn.Module):
         }
         if self.depth_estimator is not None:
             parts["depth"] = {k: v.detach() for k, v in self.depth_estimator.state_dict().items()}
+        if self.low_scale_model is not None:
+            parts["low_scale"] = self.low_scale_model.original_buffers()
         if ema is not None:
             parts["ema"] = ema
         return parts

@@ -4,7 +4,10 @@ The module tree mirrors the original ``openaimodel.UNetModel``, so ``state_dict(
 the original keys without the ``model.diffusion_model.`` prefix (``input_blocks.N.M...``,
 ``middle_block``, ``output_blocks``, ``time_embed``, ``out``). SD1 and SD2 differ only in config:
 conv vs linear ``proj_in`` / ``proj_out``, ``num_heads`` vs ``num_head_channels`` and the context
-width. Base, inpainting (9 channels) and depth (5 channels) differ only in ``in_channels``.
+width. Base, inpainting (9 channels) and depth (5 channels) differ only in ``in_channels``. The x4
+upscaler (7 channels) adds a class-label embedding (``num_classes``; ``label_emb`` fed the noise
+level ``y``, added to the timestep embedding) and per-level ``disable_self_attentions``: there
+``attn1`` attends to the text context instead of the tokens themselves, as the original.
 
 Every block takes ``(x, emb, context)`` so that a block list is a plain loop, with no dispatch on
 layer type; each block uses what it needs.
@@ -60,6 +63,14 @@ class UNetConfig:
     """Gradient checkpointing of every ResBlock and spatial transformer while training."""
     dropout: float = 0.0
     """Dropout inside ResBlocks and feed-forwards."""
+    num_classes: int | None = None
+    """Class-label embedding ``label_emb`` (x4 upscaler: 1000, fed the noise level as ``y``);
+    None = no labels (every other SD model)."""
+    disable_self_attentions: list[bool] | None = None
+    """Per level (``channel_mult`` position): True makes that level's transformers' ``attn1``
+    attend to the text context instead of the tokens (x4 upscaler: [T, T, T, F]); None = never."""
+    disable_middle_self_attn: bool = False
+    """The same for the middle block's transformer."""
     # Keys the original configs carry that change neither the keys nor the maths here.
     image_size: int | None = None
     """Only informative (the original used it for nothing at these settings)."""
@@ -103,6 +114,16 @@ class UNetConfig:
             if getattr(self, key) < 1 and getattr(self, key) != -1:
                 raise ConfigError(f"must be >= 1 or -1 (unset), got {getattr(self, key)}", key=key)
         require_range(self, "channel_mult", "context_dim", low=1)
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"must be >= 1 or null, got {self.num_classes}", key="num_classes")
+        if self.disable_self_attentions is not None and len(self.disable_self_attentions) != len(
+            self.channel_mult
+        ):
+            raise ConfigError(
+                f"has {len(self.disable_self_attentions)} entries but channel_mult has "
+                f"{len(self.channel_mult)} levels",
+                key="disable_self_attentions",
+            )
         require_range(self, "dropout", low=0, high=1, high_open=True)
         if self.image_size is not None:
             require_range(self, "image_size", low=1, note="informative only; or null")
@@ -130,6 +151,10 @@ class UNetConfig:
         for key in ("in_channels", "out_channels", "num_res_blocks", "transformer_depth"):
             if getattr(self, key) < 1:
                 raise ConfigError("must be >= 1", key=key)
+
+    def self_attention_disabled(self, level: int) -> bool:
+        """Whether the transformers of ``level`` attend to the context in ``attn1``."""
+        return bool(self.disable_self_attentions and self.disable_self_attentions[level])
 
     def heads_and_width(self, channels: int) -> tuple[int, int]:
         """(heads, dim_head) of a spatial transformer at ``channels``, derived as the original."""
@@ -268,11 +293,19 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-LN self-attention, cross-attention on the text context, GEGLU feed-forward."""
+    """Pre-LN self-attention, cross-attention on the text context, GEGLU feed-forward.
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, dropout: float):
+    With ``disable_self_attn`` the first attention attends to the text context too (x4 upscaler).
+    """
+
+    def __init__(
+        self, dim: int, heads: int, dim_head: int, context_dim: int, dropout: float,
+        disable_self_attn: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.attn1 = Attention(dim, dim, heads, dim_head, dropout)
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = Attention(dim, context_dim if disable_self_attn else dim, heads, dim_head,
+                               dropout)  # fmt: skip
         self.ff = FeedForward(dim, dropout)
         self.attn2 = Attention(dim, context_dim, heads, dim_head, dropout)
         self.norm1 = nn.LayerNorm(dim)
@@ -280,7 +313,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))  # (B, HW, C)
+        x = x + self.attn1(self.norm1(x), context if self.disable_self_attn else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -290,7 +323,7 @@ class SpatialTransformer(nn.Module):
 
     def __init__(
         self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
-        linear: bool, dropout: float,
+        linear: bool, dropout: float, disable_self_attn: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         inner = heads * dim_head
@@ -299,7 +332,7 @@ class SpatialTransformer(nn.Module):
         # Registration order matches the original so state_dict() lists keys in the same order.
         self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout)
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout, disable_self_attn)
             for _ in range(depth)
         )
         self.proj_out = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
@@ -354,15 +387,18 @@ class UNetModel(nn.Module):
         mc = cfg.model_channels
         emb_dim = 4 * mc
 
-        def transformer(channels: int) -> SpatialTransformer:
+        def transformer(channels: int, disable_self_attn: bool) -> SpatialTransformer:
             heads, dim_head = cfg.heads_and_width(channels)
             return SpatialTransformer(
                 channels, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
-                cfg.use_linear_in_transformer, cfg.dropout,
+                cfg.use_linear_in_transformer, cfg.dropout, disable_self_attn,
             )  # fmt: skip
 
         self.time_embed = nn.Sequential(
             nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        self.label_emb = (
+            nn.Embedding(cfg.num_classes, emb_dim) if cfg.num_classes is not None else None
         )
 
         self.input_blocks = nn.ModuleList(
@@ -375,7 +411,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, cfg.dropout)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, cfg.self_attention_disabled(level)))
                 self.input_blocks.append(TimestepEmbedSequential(layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -386,7 +422,7 @@ class UNetModel(nn.Module):
         self.middle_block = TimestepEmbedSequential(
             [
                 ResBlock(ch, emb_dim, ch, cfg.dropout),
-                transformer(ch),
+                transformer(ch, cfg.disable_middle_self_attn),
                 ResBlock(ch, emb_dim, ch, cfg.dropout),
             ]
         )
@@ -397,7 +433,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, cfg.dropout)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, cfg.self_attention_disabled(level)))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -429,12 +465,26 @@ class UNetModel(nn.Module):
         yield from self.output_blocks
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B, in_channels, h, w) latents (+ conditioning); timesteps (B,); context (B, L, D)."""
+        """x: (B, in_channels, h, w) latents (+ conditioning); timesteps (B,); context (B, L, D);
+        y (B,) int64 class labels (x4 upscaler: the noise level), only with ``num_classes``."""
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         t_emb = timestep_embedding(timesteps, self.config.model_channels)  # (B, mc)
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))  # (B, 4 mc)
+        if self.label_emb is not None:
+            if y is None:
+                raise ValueError(
+                    f"this UNet has a class-label embedding (num_classes "
+                    f"{self.config.num_classes}) and needs y (the x4 upscaler's noise level)"
+                )
+            emb = emb + self.label_emb(y)  # (B, 4 mc)
+        elif y is not None:
+            raise ValueError("y was given but this UNet has no class labels (num_classes: null)")
         skips = []
         h = x
         for block in self.input_blocks:

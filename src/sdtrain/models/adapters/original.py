@@ -4,7 +4,9 @@ The original ``LatentDiffusion`` saves one flat state dict: the UNet under
 ``model.diffusion_model.``, the VAE under ``first_stage_model.``, the text tower under
 ``cond_stage_model.``, the EMA copy of the UNet under ``model_ema.`` with flattened names, and the
 12 noise-schedule buffers (``diffusion.schedule.SCHEDULE_BUFFERS``) without a prefix; a depth model
-(``LatentDepth2ImageDiffusion``) adds its frozen MiDaS under ``depth_model.``. This module
+(``LatentDepth2ImageDiffusion``) adds its frozen MiDaS under ``depth_model.``, the x4 upscaler
+(``LatentUpscaleDiffusion``) the 8 buffers of its low-res noise schedule under
+``low_scale_model.``. This module
 turns such a file into plain
 per-part tensor dicts (keys without prefix) and back, widens a UNet input conv for inpainting /
 depth, loads parts strictly into modules and summarises a file. It knows nothing about our model
@@ -57,6 +59,7 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
 EMA_PREFIX = "model_ema."
 DEPTH_PREFIX = "depth_model."
+LOW_SCALE_PREFIX = "low_scale_model."
 # LitEma names each shadow buffer after the parameter's full name inside `self.model`
 # (a DiffusionWrapper), i.e. `diffusion_model.<unet key>`, with every dot removed.
 EMA_UNET_STEM = "diffusion_model"
@@ -89,6 +92,8 @@ class OriginalCheckpoint:
     """EMA copy of the UNet, de-flattened to UNet keys."""
     depth: dict[str, Tensor] = field(default_factory=dict)
     """`depth_model.*`: the MiDaS depth estimator of a depth model (`model.pretrained.*`)."""
+    low_scale: dict[str, Tensor] = field(default_factory=dict)
+    """`low_scale_model.*`: an x4 upscaler's low-res noise schedule buffers (`betas`, ...)."""
     ema_meta: dict[str, Tensor] = field(default_factory=dict)
     """`model_ema.decay` (float32 scalar) and `model_ema.num_updates` (int32 scalar)."""
     schedule: dict[str, Tensor] = field(default_factory=dict)
@@ -209,6 +214,8 @@ def split_original_state_dict(
             ckpt.text[key.removeprefix(TEXT_PREFIX)] = value
         elif key.startswith(DEPTH_PREFIX):
             ckpt.depth[key.removeprefix(DEPTH_PREFIX)] = value
+        elif key.startswith(LOW_SCALE_PREFIX):
+            ckpt.low_scale[key.removeprefix(LOW_SCALE_PREFIX)] = value
         elif key.startswith(EMA_PREFIX):
             name = key.removeprefix(EMA_PREFIX)
             target = ckpt.ema_meta if name in EMA_META_KEYS else ema_flat
@@ -274,12 +281,14 @@ def build_original_state_dict(
     ema_decay: float = 0.9999,
     ema_num_updates: int = 0,
     depth: Mapping[str, Tensor] | None = None,
+    low_scale: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Join unprefixed parts into one flat original-layout state dict.
 
     The order is the one `LatentDiffusion.state_dict()` produces: schedule buffers (registered on
     the top module), then `model`, `model_ema`, `first_stage_model`, `cond_stage_model` and a
-    depth model's `depth_model` (registered last by `LatentDepth2ImageDiffusion`).
+    depth model's `depth_model` (registered last by `LatentDepth2ImageDiffusion`) or an
+    upscaler's `low_scale_model` (last in `LatentUpscaleDiffusion`).
     """
     schedule = schedule or {}
     unknown = [name for name in schedule if name not in SCHEDULE_BUFFERS]
@@ -295,6 +304,7 @@ def build_original_state_dict(
     out.update(_prefixed(VAE_PREFIX, vae or {}))
     out.update(_prefixed(TEXT_PREFIX, text or {}))
     out.update(_prefixed(DEPTH_PREFIX, depth or {}))
+    out.update(_prefixed(LOW_SCALE_PREFIX, low_scale or {}))
     return out
 
 
@@ -311,6 +321,7 @@ def write_checkpoint(
     ema_decay: float = 0.9999,
     ema_num_updates: int = 0,
     depth: Mapping[str, Tensor] | None = None,
+    low_scale: Mapping[str, Tensor] | None = None,
 ) -> Path:
     """Atomically write an original-layout checkpoint; the suffix picks `.ckpt` or safetensors.
 
@@ -329,6 +340,7 @@ def write_checkpoint(
             ema_decay=ema_decay,
             ema_num_updates=ema_num_updates,
             depth=depth,
+            low_scale=low_scale,
         )
         metadata = _check_metadata(extra_metadata)
     except CheckpointError as err:
@@ -479,6 +491,7 @@ def summarize(ckpt: OriginalCheckpoint) -> str:
         "vae": ckpt.vae,
         "text": ckpt.text,
         "depth": ckpt.depth,
+        "low_scale": ckpt.low_scale,
         "ema": ckpt.ema,
         "ema_meta": ckpt.ema_meta,
         "schedule": ckpt.schedule,
