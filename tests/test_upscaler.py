@@ -278,3 +278,34 @@ def test_sampling_upscales_4x_and_names_bad_inputs() -> None:
     component = conditioning_component("upscale")
     with pytest.raises(ConfigError, match=r"low-res image is 8x8 .* needs 1/4 of it: 4x4"):
         component.from_inputs(model, ConditioningInputs(image=low), (4, 4))
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tiny_upscaler_trains_validates_and_exports(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from sdtrain.data.synthetic import SyntheticSpec, write_synthetic_shards
+    from sdtrain.launch.export import export_run
+    from sdtrain.trainer.fit import fit
+
+    shards = tmp_path / "shards"
+    write_synthetic_shards(shards, SyntheticSpec(samples=16, per_shard=8, min_side=64))
+    overrides = [
+        f"data.shards=[{shards}]", f"run.dir={tmp_path / 'run'}", "trainer.max_steps=3",
+        "checkpoint.every_n_steps=3", "logging.wandb=false", "data.num_workers=0",
+        "data.batch_size=2", "validation.every_n_steps=3", f"validation.shards=[{shards}]",
+        "validation.steps=2", "validation.samplers=[ddim]", "validation.prompts=[a,b]",
+        "validation.loss_batches=1", "ema.enabled=true",
+    ]  # fmt: skip
+    run = fit(load_config([EXPERIMENTS / "tiny-x4-upscaler.yaml"], overrides))
+    grids = sorted((tmp_path / "run").rglob("step=00000003-ddim*.png"))
+    assert grids, "no validation grid written"
+    with Image.open(grids[0]) as grid:  # 3 rows of 64 px: low-res | upscaled | target
+        assert grid.height >= 3 * 64
+    exported = export_run(run, tmp_path / "x4.ckpt")
+    ckpt = read_checkpoint(exported.path)
+    assert list(ckpt.low_scale) == list(LOW_SCALE_BUFFERS)
+    assert ckpt.unet["input_blocks.0.0.weight"].shape[1] == 7 and "label_emb.weight" in ckpt.unet

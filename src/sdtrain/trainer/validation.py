@@ -187,11 +187,9 @@ def square(images: Tensor, size: int) -> Tensor:
 def grid_rows(
     inputs: SampleInputs, results: Tensor, conditioning: ConditioningComponent
 ) -> list[np.ndarray]:
-    """The grid's rows, each (P, S, S, 3) uint8: [result] or [input, mask / depth, result]."""
-    image, hint = inputs.conditioning.image, conditioning.hint_picture(inputs.conditioning)
-    if image is None or hint is None:
-        return [to_uint8(results)]
-    return [to_uint8(image), to_uint8(hint), to_uint8(results)]
+    """The grid's rows, each (P, S, S, 3) uint8: [result], [input, mask / depth, result] or
+    (x4 upscaler) [low-res, upscaled, target]: what the conditioning component shows."""
+    return [to_uint8(row) for row in conditioning.grid_pictures(inputs.conditioning, results)]
 
 
 # ---------------------------------------------------------------------------------------------
