@@ -337,21 +337,38 @@ def fit(cfg: ExperimentConfig, callbacks: Sequence[Callback] = ()) -> Path:
     with StopSignals() as signals:
         try:
             check_allocation(cfg.trainer.devices, cfg.trainer.num_nodes)
+            from sdtrain.data.pipeline import check_shards
+
+            check_shards(cfg.data, cfg.trainer.num_nodes * cfg.trainer.devices)
+            # Every refusal (folder, resume point, changed model) before anything is written,
+            # the lock file included; decided again under the lock if the folder changed.
+            plan = prepare_run(cfg)
+            listing = _checkpoint_listing(folder)
             # Only one process locks and tidies the folder; under srun every rank runs this.
             lock = RunLock(folder) if _launch_rank() == 0 else contextlib.nullcontext()
             with lock:
-                return _fit(cfg, callbacks, signals, getattr(lock, "notes", []))
+                if _checkpoint_listing(folder) != listing:
+                    plan = prepare_run(cfg)
+                return _fit(cfg, plan, callbacks, signals, getattr(lock, "notes", []))
         except RunInterrupted as stop:
             raise stop.with_message(stop_message(stop, folder)) from None
 
 
-def _fit(
-    cfg: ExperimentConfig, callbacks: Sequence[Callback], signals: StopSignals, notes: list[str]
-) -> Path:
-    from sdtrain.data.pipeline import check_shards
+def _checkpoint_listing(folder: Path) -> list[tuple[str, int, int]]:
+    """Name, size and mtime of every file in the run's checkpoint folder."""
+    checkpoints = folder / "checkpoints"
+    if not checkpoints.is_dir():
+        return []
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in checkpoints.iterdir())
 
-    check_shards(cfg.data, cfg.trainer.num_nodes * cfg.trainer.devices)
-    plan = prepare_run(cfg)
+
+def _fit(
+    cfg: ExperimentConfig,
+    plan: RunPlan,
+    callbacks: Sequence[Callback],
+    signals: StopSignals,
+    notes: list[str],
+) -> Path:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     notes = [*notes, *ready_run_folder(plan)] if _launch_rank() == 0 else []
     module = build_module(cfg)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sdtrain.errors import ConfigError, RunFolderLocked
+from sdtrain.utils.files import describe_os_error
 
 log = logging.getLogger("sdtrain.trainer")
 LOCK_NAME = "sdtrain.lock"
@@ -100,7 +101,8 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # umask applies
         except OSError as err:
             raise ConfigError(
-                f"run folder {self.folder} cannot be used: {err.strerror}", key="run.dir"
+                f"run folder {self.folder} cannot be used: {describe_os_error(err)}",
+                key="run.dir",
             ) from None
         try:
             self._lock(fd)
