@@ -284,7 +284,7 @@ def test_sampling_upscales_4x_and_names_bad_inputs() -> None:
 
 
 @pytest.mark.slow
-def test_tiny_upscaler_trains_validates_and_exports(tmp_path: Path) -> None:
+def test_tiny_upscaler_trains_validates_and_exports(tmp_path: Path, capsys) -> None:
     from PIL import Image
 
     from sdtrain.data.synthetic import SyntheticSpec, write_synthetic_shards
@@ -309,3 +309,21 @@ def test_tiny_upscaler_trains_validates_and_exports(tmp_path: Path) -> None:
     ckpt = read_checkpoint(exported.path)
     assert list(ckpt.low_scale) == list(LOW_SCALE_BUFFERS)
     assert ckpt.unet["input_blocks.0.0.weight"].shape[1] == 7 and "label_emb.weight" in ckpt.unet
+    # sdtrain sample: 4x output from the exported original-layout file, clear usage errors.
+    from sdtrain.launch.cli import EXIT_OK, EXIT_USAGE, main
+
+    low = tmp_path / "low.png"
+    Image.fromarray((torch.rand(16, 16, 3) * 255).byte().numpy()).save(low)
+    cfg = str(MODELS / "tiny-x4-upscaler.yaml")
+    base = ["sample", "--checkpoint", str(exported.path), "--config", cfg, "--prompt", "a",
+            "--image", str(low), "--steps", "2", "--seed", "1"]  # fmt: skip
+    assert main([*base, "--noise-level", "20", "--out", str(tmp_path / "up.png")]) == EXIT_OK
+    with Image.open(tmp_path / "up.png") as up:
+        assert up.size == (64, 64)
+    assert main([*base, "--noise-level", "351", "--out", str(tmp_path / "x.png")]) == EXIT_USAGE
+    assert "noise level 351 is outside [0, 350]" in capsys.readouterr().err
+    big = tmp_path / "big.png"
+    Image.fromarray(torch.zeros(128, 128, 3).byte().numpy()).save(big)
+    args = [*base[:-5], str(big), "--out", str(tmp_path / "y.png")]
+    assert main(args) == EXIT_USAGE
+    assert "at most 64 px (model.upscale.max_input_size)" in capsys.readouterr().err

@@ -187,7 +187,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt, image=args.image, mask=args.mask,
         sampler=args.sampler, steps=args.steps, scale=args.scale, eta=args.eta, seed=args.seed,
         size=args.size, n=args.n, device=args.device, keep_unmasked=args.keep_unmasked,
-        lora=args.lora, lora_scale=args.lora_scale,
+        lora=args.lora, lora_scale=args.lora_scale, noise_level=args.noise_level,
     )  # fmt: skip
     print(result.summary())
     return EXIT_OK
@@ -450,7 +450,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     smp.add_argument("--prompt", required=True, help="the text prompt")
     smp.add_argument("--negative-prompt", default="", help="unconditional prompt (default: '')")
-    smp.add_argument("--image", default=None, help="inpainting: the image to repaint")
+    smp.add_argument(
+        "--image",
+        default=None,
+        help="inpainting: the image to repaint; x4 upscaler: the low-res input",
+    )
+    smp.add_argument(
+        "--noise-level",
+        type=int,
+        default=None,
+        help="x4 upscaler: noise added to the low-res input, 0..max_noise_level (default 20)",
+    )
     smp.add_argument("--mask", default=None, help="inpainting: mask image, white = repaint")
     smp.add_argument(
         "--keep-unmasked",

@@ -248,6 +248,26 @@ def load_mask(path: PathLike, size: int) -> Tensor:
     return (values >= 0.5).float()[None, None]
 
 
+def load_low_res(path: PathLike, cfg: ModelConfig, size: int | None) -> Tensor:
+    """An upscaler's low-res picture -> (1, 3, s, s) in [-1, 1] at its own (square-cropped)
+    side; a ConfigError for one above ``model.upscale.max_input_size`` (tiling larger inputs is
+    not supported) or a --size other than 4x it."""
+    with _open(path) as image:
+        side = min(image.size)
+        up = cfg.upscale
+        if side > up.max_input_size:
+            raise ConfigError(
+                f"{path} is {image.width}x{image.height}: an x4 upscaler input may be at most "
+                f"{up.max_input_size} px (model.upscale.max_input_size); tiling larger inputs is "
+                "not supported yet"
+            )
+        if size is not None and size != side * up.factor:
+            raise ConfigError(
+                f"--size {size} is not {up.factor}x the {side} px input; leave --size out"
+            )
+        return to_tensor(image, side)
+
+
 def _open(path: PathLike) -> Image.Image:
     try:
         image = Image.open(path)
@@ -299,24 +319,34 @@ def sample_to_file(
     keep_unmasked: bool = False,
     lora: PathLike | None = None,
     lora_scale: float = 1.0,
+    noise_level: int | None = None,
 ) -> SampleResult:
     """Everything ``sdtrain sample`` does: open, check, build, sample, write the PNG.
 
     ``size`` defaults to the run's training image size (``data.image.size``; 512 for a bare
     model config); ``seed`` None draws one (reported in the result so it can be repeated).
     ``lora`` (a kohya- or diffusers-layout file) is merged into the UNet at ``lora_scale``.
+    An x4 upscaler takes ``image`` (the low-res picture, at its own size, which sets the output
+    size: 4x) and ``noise_level`` (default ``model.upscale.noise_level``).
     """
     if not math.isfinite(lora_scale):
         raise ConfigError(f"--lora-scale must be a finite number, got {lora_scale}")
     if lora is None and lora_scale != 1.0:
         raise ConfigError("--lora-scale needs --lora FILE")
-    if (image is None) != (mask is None):
-        raise ConfigError("--image and --mask go together: pass both or neither")
     check_options(steps=steps, scale=scale, eta=eta, sampler=sampler, n=n, seed=seed, size=size)
     problem = files.cannot_write(out)
     if problem:
         raise ConfigError(f"{problem}; choose another --out")
     source = open_source(checkpoint, config, use_ema)
+    needs = conditioning_component(source.config.model.conditioning).sample_inputs
+    upscaler = "image" in needs and "mask" not in needs  # the picture alone, setting the size
+    if (image is None) != (mask is None) and not upscaler:
+        raise ConfigError("--image and --mask go together: pass both or neither")
+    if noise_level is not None and not upscaler:
+        raise ConfigError("--noise-level is only for x4 upscaler models")
+    low = load_low_res(image, source.config.model, size) if upscaler and image else None
+    if low is not None:
+        size = int(low.shape[-1]) * source.config.model.upscale.factor
     size = size if size is not None else source.config.data.image.size
     check_inputs(source.config.model, image is not None, mask is not None, size, steps)
     seed = secrets.randbelow(2**31) if seed is None else seed
@@ -324,6 +354,8 @@ def sample_to_file(
     pictures = {}
     if image is not None and mask is not None:
         pictures = {"image": load_image(image, size), "mask": load_mask(mask, size)}
+    if low is not None:
+        pictures = {"image": low, "noise_level": noise_level}
     model = source.build(device)
     if lora is not None:
         merge_adapter(model.unet)  # a LoRA run's own adapter first, then the file's
