@@ -10,6 +10,7 @@ medians and their ratio ``ours / diffusers`` are reported (goal: <= 1.0).
     pip install -e '.[bench]'
     python bench/unet_step.py                          # tiny-cpu preset, prints a markdown table
     python bench/unet_step.py --preset small-cpu --write-docs  # 8/16/32 latents, SD2 and SD1 layout
+    python bench/unet_step.py --preset small-cpu --threads 1 --clock cpu  # steadiest when shared
     python bench/unet_step.py --preset gpu --batch-size 4 --write-docs
     python bench/unet_step.py --checkpointing          # gradient checkpointing in both models
 
@@ -79,6 +80,12 @@ class Preset:
     batch_size: int
     iters: int
     warmup: int
+    clock: Literal["wall", "cpu"] = "wall"
+    """``cpu``: the process's CPU time (``time.process_time``), which other processes on a shared
+    machine do not advance; with ``--threads 1`` it is the steadiest CPU measure."""
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _small_unet(mc: int, mult: list[int], ctx: int, *, linear: bool, heads: int) -> dict[str, Any]:
@@ -271,20 +278,24 @@ class StepStats:
 
 
 def train_step(
-    model: nn.Module, forward: Forward, inputs: tuple[torch.Tensor, ...], bf16: bool
+    model: nn.Module,
+    forward: Forward,
+    inputs: tuple[torch.Tensor, ...],
+    bf16: bool,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> float:
     """Zero the grads, then one timed forward + backward of ``mean(out^2)``; returns seconds."""
     model.zero_grad(set_to_none=True)
     cuda = inputs[0].is_cuda
     if cuda:
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
         out = forward(*inputs)  # (B, C_out, h, w)
     out.float().pow(2).mean().backward()
     if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def time_interleaved(
@@ -294,6 +305,7 @@ def time_interleaved(
     iters: int,
     warmup: int,
     bf16: bool,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[StepStats]:
     """Round-robin ``models`` for ``warmup`` untimed then ``iters`` timed rounds."""
     stats = [StepStats() for _ in models]
@@ -305,7 +317,7 @@ def time_interleaved(
                 torch.cuda.synchronize()
                 resident = torch.cuda.memory_allocated()  # both models' weights
                 torch.cuda.reset_peak_memory_stats()
-            seconds = train_step(model, forward, inputs, bf16)
+            seconds = train_step(model, forward, inputs, bf16, clock)
             if round_ < warmup:
                 continue
             stat.times_s.append(seconds)
@@ -400,7 +412,12 @@ def run_case(case: BenchCase, preset: Preset, checkpointing: bool) -> CaseResult
         models.append((theirs, theirs_forward))
     ours.train()
     stats = time_interleaved(
-        models, inputs, iters=preset.iters, warmup=preset.warmup, bf16=preset.autocast_bf16
+        models,
+        inputs,
+        iters=preset.iters,
+        warmup=preset.warmup,
+        bf16=preset.autocast_bf16,
+        clock=CLOCKS[preset.clock],
     )
     result.ours_ms = stats[0].median_ms
     if len(stats) > 1:
@@ -429,6 +446,7 @@ class Report:
     device: str
     device_name: str
     checkpointing: bool
+    clock: str
     batch_size: int
     iters: int
     warmup: int
@@ -452,7 +470,8 @@ class Report:
             f"`{self.command}`",
             "",
             f"- date: {self.date}; {self.versions}",
-            f"- device: {self.device_name}; torch threads: {self.threads}",
+            f"- device: {self.device_name}; torch threads: {self.threads}; clock: {self.clock}"
+            + (" (process CPU time)" if self.clock == "cpu" else " (wall time)"),
             f"- batch {self.batch_size}, {self.warmup} warm-up + {self.iters} timed rounds "
             f"(interleaved), gradient checkpointing {'on' if self.checkpointing else 'off'}",
             "",
@@ -520,6 +539,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default: the preset's)")
     parser.add_argument("--checkpointing", action="store_true", help="in both models")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="cpu: time steps by the process's CPU time (CPU presets on a shared machine)",
+    )
     parser.add_argument("--write-docs", action="store_true", help=f"update {DEFAULT_DOCS.name}")
     parser.add_argument("--out", type=Path, help="update this markdown file (implies writing)")
     return parser.parse_args(argv)
@@ -535,6 +560,7 @@ def run_preset(preset: Preset, checkpointing: bool, command: str) -> Report:
         device=preset.device,
         device_name=_cpu_name(),
         checkpointing=checkpointing,
+        clock=preset.clock,
         batch_size=preset.batch_size,
         iters=preset.iters,
         warmup=preset.warmup,
@@ -542,6 +568,9 @@ def run_preset(preset: Preset, checkpointing: bool, command: str) -> Report:
         versions=_versions(),
         date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
     )
+    if cuda and preset.clock == "cpu":
+        report.skipped = "--clock cpu times CPU presets only (GPU steps run asynchronously)."
+        return report
     if cuda and not torch.cuda.is_available():
         report.skipped = "no CUDA device here; the gpu preset needs one."
         return report
@@ -567,6 +596,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         batch_size=args.batch_size or preset.batch_size,
         iters=args.iters or preset.iters,
         warmup=preset.warmup if args.warmup is None else args.warmup,
+        clock=args.clock,
     )
     shown = ["python", "bench/unet_step.py", *(sys.argv[1:] if argv is None else argv)]
     with torch_threads(args.threads):
