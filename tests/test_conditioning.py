@@ -270,7 +270,8 @@ BRANCH = re.compile(
     r"conditioning\s*(==|!=|in\s*[(\[{])"  # conditioning == "x", conditioning in ("x", ...)
     r"|\[\s*[\w.]*conditioning\s*\]"  # {...}[cfg.model.conditioning]
     r"|(==|!=)\s*[\"'](txt2img|inpainting|depth)[\"']"  # kind == "inpainting"
-    r"|parameterization\s*(==|!=|in\s*[(\[{])|(==|!=)\s*[\"'](eps|v)[\"']"
+    # parameterization == "v" / in ("eps", ...); comparing two configs' values is no branch
+    r"|parameterization\s*((==|!=)\s*[\"']|in\s*[(\[{])|(==|!=)\s*[\"'](eps|v)[\"']"
 )
 REGISTRIES = {"models/conditioning.py", "diffusion/parameterization.py"}
 
@@ -292,3 +293,4 @@ def test_no_mode_or_objective_branch_outside_the_registries() -> None:
     assert BRANCH.search("needs[self.model.conditioning]")
     assert BRANCH.search('if kind == "depth":')
     assert BRANCH.search('if self.config.parameterization == "v":')
+    assert not BRANCH.search("if read.parameterization != ours:")

@@ -196,13 +196,13 @@ def _advice(reason: str, missing: int, count: int, cfg: DataConfig) -> str:
                 f"{count - missing} smaller than data.filters.min_size={filters.min_size}: "
                 "lower it (0 disables)"
             )
-    elif reason == "caption":
-        notes.append("blank caption: set data.filters.require_caption=false")
-    elif reason == "blocklist":
-        notes.append("caption holds a word of data.filters.blocklist")
-    elif reason == "depth":
-        notes.append(
-            f"no depth member ({'/'.join(cfg.depth.keys)}): use shards with depth maps, or set "
-            "data.depth.missing=keep to train on zero maps"
-        )
+    else:
+        fixed = {
+            "caption": "blank caption: set data.filters.require_caption=false",
+            "blocklist": "caption holds a word of data.filters.blocklist",
+            "depth": f"no depth member ({'/'.join(cfg.depth.keys)}): use shards with depth "
+            "maps, or set data.depth.missing=keep to train on zero maps",
+        }
+        if reason in fixed:
+            notes.append(fixed[reason])
     return "; ".join(notes) or reason

@@ -154,6 +154,8 @@ class ConditioningComponent:
     """The encoded parts ``channels`` concatenates."""
     widens_base: ClassVar[bool] = True
     """A 4-channel base UNet may initialise this mode, widened with zero input channels."""
+    diffusers_pipeline: ClassVar[str] = "StableDiffusionPipeline"
+    """The diffusers pipeline class that loads a model folder of this mode."""
 
     def extra_channels(self, latent_channels: int) -> int:
         """Channels concatenated after ``latent_channels`` noisy latent channels."""
@@ -273,6 +275,7 @@ class Inpainting(ConditioningComponent):
     """Mask + masked-image latents (SD 1.5 / SD 2 inpainting, the original ``hybrid`` mode)."""
 
     name = "inpainting"
+    diffusers_pipeline = "StableDiffusionInpaintPipeline"
     description = "inpainting"
     data_sections = ("masks",)
     sample_inputs = ("image", "mask")
@@ -364,6 +367,7 @@ class Depth(ConditioningComponent):
     by the frozen MiDaS (``model.depth.source``)."""
 
     name = "depth"
+    diffusers_pipeline = "StableDiffusionDepth2ImgPipeline"
     description = "depth"
     data_sections = ("depth",)
     sample_inputs = ("depth",)
@@ -424,6 +428,7 @@ class Upscale(ConditioningComponent):
     """The x4 upscaler: the noise-augmented low-res image (3 channels) + its level as ``y``."""
 
     name = "upscale"
+    diffusers_pipeline = "StableDiffusionUpscalePipeline"
     description = "x4 upscaler"
     sample_inputs = ("image",)
     optional_inputs = ("noise_level", "target")

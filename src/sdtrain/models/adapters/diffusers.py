@@ -46,7 +46,7 @@ from sdtrain.diffusion.schedule import DiffusionConfig, NoiseSchedule, make_beta
 from sdtrain.errors import CheckpointError, ConfigError
 from sdtrain.models.adapters.original import OriginalCheckpoint
 from sdtrain.models.autoencoder import AutoencoderConfig, AutoencoderKL, DDConfig
-from sdtrain.models.conditioning import extra_input_channels
+from sdtrain.models.conditioning import conditioning_component, extra_input_channels
 from sdtrain.models.config import ModelConfig
 from sdtrain.models.text_encoders import FrozenTextEncoder, TextEncoderConfig
 from sdtrain.models.unet import UNetConfig, UNetModel
@@ -73,11 +73,6 @@ PIPELINES = {
     "StableDiffusionImg2ImgPipeline": "txt2img",
     "StableDiffusionInpaintPipeline": "inpainting",
     "StableDiffusionDepth2ImgPipeline": "depth",
-}
-_PIPELINE_FOR = {
-    "txt2img": "StableDiffusionPipeline",
-    "inpainting": "StableDiffusionInpaintPipeline",
-    "depth": "StableDiffusionDepth2ImgPipeline",
 }
 # component -> (library, accepted class names) and the weight file stem of that library.
 _COMPONENTS = {
@@ -681,7 +676,7 @@ def _consistency(
     latent = fields["autoencoder.embed_dim"].value
     need = latent + extra_input_channels(conditioning, latent)
     have = fields["unet.in_channels"].value
-    if have != need and not (have == latent and conditioning != "txt2img"):
+    if have != need and not (have == latent and conditioning_component(conditioning).widens_base):
         raise CheckpointError(
             f"{fields['unet.in_channels'].where} is {have} but a {pipeline} with {latent} latent "
             f"channels needs {need}",
@@ -1096,7 +1091,13 @@ def write_diffusers(
         ) from None
     size = sample_size or cfg.autoencoder.ddconfig.resolution // cfg.latent_downsampling
     written_dtype = torch_dtype or next(iter(unet_d.values())).dtype
-    pipeline = _PIPELINE_FOR[cfg.conditioning]
+    pipeline = conditioning_component(cfg.conditioning).diffusers_pipeline
+    if pipeline not in PIPELINES:
+        raise CheckpointError(
+            f"a {cfg.conditioning!r} model cannot be written as a diffusers folder yet "
+            f"({pipeline} folders are not supported); export the original layout",
+            out,
+        )
     index: dict[str, Any] = {
         "_class_name": pipeline,
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -1109,7 +1110,7 @@ def write_diffusers(
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    if pipeline == _PIPELINE_FOR["depth"]:
+    if pipeline == "StableDiffusionDepth2ImgPipeline":
         index = {
             k: v for k, v in index.items() if k not in ("safety_checker", "requires_safety_checker")
         }
