@@ -81,8 +81,7 @@ def test_inputs_the_model_cannot_use_are_named(checkpoint: Path, tmp_path: Path,
     cases = [
         (checkpoint, TINY_BASE, pictures, "tiny-base is a text-to-image model: --image/--mask are "
          "not used"),
-        (depth, depth_cfg, [], "tiny-depth is a depth model: sampling depth models is not "
-         "supported"),
+        (depth, depth_cfg, [], "tiny-depth is a depth model: pass --depth (or --image)"),
     ]  # fmt: skip
     for source, config, extra, message in cases:
         args = ["sample", "--checkpoint", str(source), "--config", str(config), "--prompt", "x"]

@@ -374,6 +374,12 @@ def _read_depth(data: bytes, suffix: str) -> np.ndarray:
     return depth
 
 
+def read_depth_map(data: bytes, suffix: str) -> np.ndarray:
+    """A depth file's bytes (``.png`` 8/16-bit single channel, ``.npy``) -> (H, W) float32;
+    ``ImageDecodeError`` for bytes that are not one."""
+    return _read_depth(data, suffix)
+
+
 def load_depth(
     data: bytes,
     suffix: str,

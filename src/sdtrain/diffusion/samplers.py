@@ -238,6 +238,20 @@ class DDIMSampler(UniformSampler):
     ) -> tuple[Tensor, Tensor]:
         return self.step(model, x, i, generator)
 
+    def encode(self, x0: Tensor, i: int, noise: Tensor) -> Tensor:
+        """``x0`` noised to ``timesteps[i]``: sqrt(a) x0 + sqrt(1 - a) noise (the original
+        ``DDIMSampler.stochastic_encode`` over the DDIM steps)."""
+        a = float(self.alphas[i])
+        return a**0.5 * x0 + (1.0 - a) ** 0.5 * noise.to(x0.dtype)
+
+    def decode(
+        self, model: BoundModel, x: Tensor, t_start: int, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Steps ``t_start - 1`` down to 0 from ``x`` (the original ``DDIMSampler.decode``)."""
+        for i in reversed(range(t_start)):
+            x, _ = self.step(model, x, i, generator)
+        return x
+
 
 class PLMSSampler(UniformSampler):
     """Pseudo linear multistep (Liu et al. 2022, PNDM) as the original ``PLMSSampler``.

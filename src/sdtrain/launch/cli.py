@@ -188,6 +188,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         sampler=args.sampler, steps=args.steps, scale=args.scale, eta=args.eta, seed=args.seed,
         size=args.size, n=args.n, device=args.device, keep_unmasked=args.keep_unmasked,
         lora=args.lora, lora_scale=args.lora_scale, noise_level=args.noise_level,
+        depth=args.depth, strength=args.strength,
     )  # fmt: skip
     print(result.summary())
     return EXIT_OK
@@ -453,7 +454,20 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument(
         "--image",
         default=None,
-        help="inpainting: the image to repaint; x4 upscaler: the low-res input",
+        help="inpainting: the image to repaint; x4 upscaler: the low-res input; depth model: "
+        "depth-to-image from it (its depth from the checkpoint's MiDaS, or --depth)",
+    )
+    smp.add_argument(
+        "--depth",
+        default=None,
+        help="depth model: a depth map of --image's size (16/8-bit PNG or .npy, larger = nearer) "
+        "instead of MiDaS",
+    )
+    smp.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="depth-to-image: how far --image's latents are noised, 0..1 (default 0.8)",
     )
     smp.add_argument(
         "--noise-level",

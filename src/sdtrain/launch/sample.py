@@ -42,6 +42,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from sdtrain.data.transforms import ImageDecodeError, read_depth_map
 from sdtrain.diffusion.samplers import SamplerName
 from sdtrain.diffusion.schedule import NoiseSchedule
 from sdtrain.errors import CheckpointError, ConfigError
@@ -58,11 +59,16 @@ from sdtrain.models.adapters.diffusers import (
     read_diffusers,
     read_model_weights,
 )
-from sdtrain.models.adapters.original import OriginalCheckpoint, read_checkpoint
+from sdtrain.models.adapters.original import (
+    OriginalCheckpoint,
+    load_state_dict_strict,
+    read_checkpoint,
+)
 from sdtrain.models.conditioning import conditioning_component
 from sdtrain.models.config import ModelConfig
 from sdtrain.models.lora import apply_lora_file, merge_adapter
-from sdtrain.models.sampling import check_size, sample_images
+from sdtrain.models.midas import MIDAS_CONFIGS, MiDaS, build_midas, read_midas_weights
+from sdtrain.models.sampling import check_size, image_to_image, sample_images, size_multiple
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.experiment import ExperimentConfig
 from sdtrain.utils import files
@@ -160,7 +166,8 @@ def _model_from_original(
     model.schedule = NoiseSchedule(cfg.diffusion)  # computed, not stored: build it for real
     if weights == "ema":
         ckpt = dataclasses.replace(ckpt, unet={**ckpt.unet, **ckpt.ema}, ema={})
-    report = model.load_original(ckpt)
+    report = model.load_original(ckpt, parts=("unet", "vae", "text"))
+    model.depth_estimator = _depth_estimator(ckpt, cfg)
     if report.widened_from:
         raise ConfigError(
             f"{ckpt.path} holds a UNet with {report.widened_from} input channels but the "
@@ -170,13 +177,44 @@ def _model_from_original(
     return model
 
 
+def _depth_weights(ckpt: OriginalCheckpoint, cfg: ModelConfig) -> tuple[dict[str, Tensor], str]:
+    """The MiDaS weights for a file: its own ``depth_model.*``, else ``model.depth.weights``."""
+    if ckpt.depth:
+        return ckpt.depth, str(ckpt.path)
+    if cfg.depth.weights:
+        return read_midas_weights(cfg.depth.weights), cfg.depth.weights
+    return {}, ""
+
+
+def _depth_estimator(ckpt: OriginalCheckpoint, cfg: ModelConfig) -> MiDaS | None:
+    """A depth model's frozen MiDaS, whatever ``model.depth.source`` says (sampling takes the
+    depth from ``--image``), when the file or ``model.depth.weights`` has its weights."""
+    midas = dataclasses.replace(cfg.depth, source="midas")
+    name = conditioning_component(cfg.conditioning).frozen_estimator(midas)
+    weights, where = _depth_weights(ckpt, cfg)
+    if name is None or not weights:
+        return None
+    estimator = build_midas(name, device="meta")
+    load_state_dict_strict(estimator, weights, source=where, what="MiDaS")
+    return estimator
+
+
+def _has_depth_estimator(source: SamplingSource) -> bool:
+    """Whether the model ``source.build`` makes will hold a depth estimator."""
+    cfg = source.config.model
+    if source.training is not None:
+        return conditioning_component(cfg.conditioning).frozen_estimator(cfg.depth) is not None
+    assert source.original is not None
+    return bool(source.original.depth) or bool(cfg.depth.weights)
+
+
 # ---------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------
 
 
 # The sampling inputs the command line gives (``ConditioningInputs`` fields), by flag.
-CLI_INPUTS = {"image": "--image", "mask": "--mask"}
+CLI_INPUTS = {"image": "--image", "mask": "--mask", "depth": "--depth"}
 CLI_HINTS = {"mask": " (white = repaint)"}
 
 
@@ -202,20 +240,26 @@ def check_options(
 
 
 def check_inputs(
-    cfg: ModelConfig, has_image: bool, has_mask: bool, size: int, steps: int | None = None
-) -> None:
+    cfg: ModelConfig, has_image: bool, has_mask: bool, size: int, steps: int | None = None,
+    has_depth: bool = False,
+) -> None:  # fmt: skip
     """Usage errors once the model is known, before any heavy work: inputs the model needs or
-    cannot use, the size, the number of steps."""
+    cannot use, the size, the number of steps. An image-to-image mode (depth) takes what it
+    needs from ``--image``."""
     component = conditioning_component(cfg.conditioning)
     what = f"{cfg.name} is {component.article()} {component.description} model"
-    given = {name for name, present in (("image", has_image), ("mask", has_mask)) if present}
+    present = (("image", has_image), ("mask", has_mask), ("depth", has_depth))
+    given = {name for name, there in present if there}
+    if component.image_to_image and has_image:
+        given |= set(component.sample_inputs)
     needs = set(component.sample_inputs)
     if needs - CLI_INPUTS.keys():
         raise ConfigError(f"{what}: sampling {component.description} models is not supported")
     missing = [name for name in component.sample_inputs if name not in given]
     if missing:
         flags = " and ".join(CLI_INPUTS[name] + CLI_HINTS.get(name, "") for name in missing)
-        raise ConfigError(f"{what}: pass {flags}")
+        alternative = " (or --image)" if component.image_to_image else ""
+        raise ConfigError(f"{what}: pass {flags}{alternative}")
     unused = [name for name in CLI_INPUTS if name in given - needs - {*component.optional_inputs}]
     if unused:
         flags = "/".join(CLI_INPUTS[name] for name in unused)
@@ -266,6 +310,46 @@ def load_low_res(path: PathLike, cfg: ModelConfig, size: int | None) -> Tensor:
                 f"--size {size} is not {up.factor}x the {side} px input; leave --size out"
             )
         return to_tensor(image, side)
+
+
+def load_image_padded(path: PathLike, multiple: int, min_side: int | None) -> Tensor:
+    """As the depth2img scripts: the image at its own size, edge-padded on the right and bottom
+    to a multiple of ``multiple`` (at least two of them) -> (1, 3, H', W') in [-1, 1]; a
+    ConfigError naming the file for one under ``min_side`` px a side (the depth estimator's)."""
+    with _open(path) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    h, w = rgb.shape[:2]
+    if min_side is not None and min(h, w) < min_side:
+        raise ConfigError(
+            f"{path} is {w}x{h} px: too small for the depth estimator (it needs at least "
+            f"{min_side} px a side)"
+        )
+    pad_h, pad_w = (max(2, math.ceil(x / multiple)) * multiple - x for x in (h, w))
+    rgb = np.pad(rgb, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+
+def load_depth_map(path: PathLike, image: PathLike, padded: tuple[int, int]) -> Tensor:
+    """A depth map (``.png`` 8/16-bit single channel, or ``.npy``) of ``image``'s own size ->
+    (1, 1, H', W') in [-1, 1]: padded like the image, scaled as the scripts scale MiDaS depth
+    (per map, ``2 (d - min) / (max - min) - 1``; larger = nearer)."""
+    try:
+        data = Path(path).read_bytes()
+        depth = read_depth_map(data, Path(path).suffix)
+    except (OSError, ImageDecodeError) as err:
+        raise ConfigError(f"cannot read depth map {path}: {err}") from None
+    with _open(image) as picture:
+        w, h = picture.size
+    if depth.shape != (h, w):
+        dh, dw = depth.shape
+        raise ConfigError(
+            f"depth map {path} is {dw}x{dh} but --image {image} is {w}x{h}: pass a depth map "
+            "of the image's size"
+        )
+    depth = np.pad(depth, ((0, padded[0] - h), (0, padded[1] - w)), mode="edge")
+    low, high = float(depth.min()), float(depth.max())
+    scaled = 2.0 * (depth - low) / (high - low) - 1.0 if high > low else np.zeros_like(depth)
+    return torch.from_numpy(scaled.astype(np.float32))[None, None]
 
 
 def _open(path: PathLike) -> Image.Image:
@@ -320,6 +404,8 @@ def sample_to_file(
     lora: PathLike | None = None,
     lora_scale: float = 1.0,
     noise_level: int | None = None,
+    depth: PathLike | None = None,
+    strength: float | None = None,
 ) -> SampleResult:
     """Everything ``sdtrain sample`` does: open, check, build, sample, write the PNG.
 
@@ -327,7 +413,8 @@ def sample_to_file(
     model config); ``seed`` None draws one (reported in the result so it can be repeated).
     ``lora`` (a kohya- or diffusers-layout file) is merged into the UNet at ``lora_scale``.
     An x4 upscaler takes ``image`` (the low-res picture, at its own size, which sets the output
-    size: 4x) and ``noise_level`` (default ``model.upscale.noise_level``).
+    size: 4x) and ``noise_level`` (default ``model.upscale.noise_level``). A depth model
+    takes ``image`` for depth-to-image (``depth_to_image``): ``strength``, ``depth``.
     """
     if not math.isfinite(lora_scale):
         raise ConfigError(f"--lora-scale must be a finite number, got {lora_scale}")
@@ -338,7 +425,18 @@ def sample_to_file(
     if problem:
         raise ConfigError(f"{problem}; choose another --out")
     source = open_source(checkpoint, config, use_ema)
-    needs = conditioning_component(source.config.model.conditioning).sample_inputs
+    component = conditioning_component(source.config.model.conditioning)
+    if component.image_to_image and image is not None:
+        return depth_to_image(
+            source, prompt, out, image=image, depth=depth, mask=mask, strength=strength,
+            negative_prompt=negative_prompt, sampler=sampler, steps=steps, scale=scale,
+            eta=eta, seed=seed, size=size, n=n, device=device, lora=lora,
+            lora_scale=lora_scale, noise_level=noise_level,
+        )  # fmt: skip
+    if depth is not None or strength is not None:
+        flag = "--depth" if depth is not None else "--strength"
+        raise ConfigError(f"{flag} is for depth-to-image: a depth model and --image")
+    needs = component.sample_inputs
     upscaler = "image" in needs and "mask" not in needs  # the picture alone, setting the size
     if (image is None) != (mask is None) and not upscaler:
         raise ConfigError("--image and --mask go together: pass both or neither")
@@ -356,15 +454,87 @@ def sample_to_file(
         pictures = {"image": load_image(image, size), "mask": load_mask(mask, size)}
     if low is not None:
         pictures = {"image": low, "noise_level": noise_level}
-    model = source.build(device)
-    if lora is not None:
-        merge_adapter(model.unet)  # a LoRA run's own adapter first, then the file's
-        apply_lora_file(model.unet, str(lora), lora_scale)
+    model = _build(source, device, lora, lora_scale)
     images = sample_images(
         model, [prompt] * n, negative_prompt=negative_prompt, sampler=sampler, steps=steps,
         scale=scale, eta=eta, seed=seed, size=size, keep_unmasked=keep_unmasked, **pictures,
     )  # fmt: skip
+    return _write(out, images, seed, source)
+
+
+def _build(
+    source: SamplingSource, device: str, lora: PathLike | None, lora_scale: float
+) -> StableDiffusion:
+    model = source.build(device)
+    if lora is not None:
+        merge_adapter(model.unet)  # a LoRA run's own adapter first, then the file's
+        apply_lora_file(model.unet, str(lora), lora_scale)
+    return model
+
+
+def _write(out: PathLike, images: Tensor, seed: int, source: SamplingSource) -> SampleResult:
     out = Path(out)
     picture = to_image(image_grid(images.cpu()))
     files.write_atomic(out, lambda tmp: picture.save(tmp, format="PNG"))
     return SampleResult(out, images.cpu(), seed, source)
+
+
+def depth_to_image(
+    source: SamplingSource,
+    prompt: str,
+    out: PathLike,
+    *,
+    image: PathLike,
+    depth: PathLike | None,
+    mask: PathLike | None,
+    strength: float | None,
+    negative_prompt: str,
+    sampler: SamplerName,
+    steps: int,
+    scale: float,
+    eta: float,
+    seed: int | None,
+    size: int | None,
+    n: int,
+    device: str | None,
+    lora: PathLike | None,
+    lora_scale: float,
+    noise_level: int | None,
+) -> SampleResult:
+    """The original depth2img script (``models.sampling.image_to_image``): ``image`` at its
+    own size, padded to the UNet's size multiple; its depth from the model's MiDaS (the
+    checkpoint's ``depth_model.*``, a run's estimator, or ``model.depth.weights``) unless
+    ``depth`` (a depth map file of the image's size) is given; DDIM from ``strength``."""
+    cfg = source.config.model
+    strength = 0.8 if strength is None else strength
+    if not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
+        raise ConfigError(f"--strength must be in [0, 1], got {strength}")
+    unused = [flag for flag, value in (("--mask", mask), ("--size", size),
+              ("--noise-level", noise_level)) if value is not None]  # fmt: skip
+    if unused:
+        raise ConfigError(f"depth-to-image keeps --image's size and takes no {'/'.join(unused)}")
+    if sampler != "ddim":
+        raise ConfigError("depth-to-image samples with DDIM (as the original script): "
+                          "leave --sampler out")  # fmt: skip
+    check_inputs(cfg, True, False, size_multiple(cfg), steps, has_depth=depth is not None)
+    if depth is None and not _has_depth_estimator(source):
+        hint = (
+            "" if source.training is not None
+            else ", or the MiDaS weights with model.depth.weights=dpt_hybrid-midas-501f0c75.pt"
+        )  # fmt: skip
+        raise ConfigError(
+            f"{source.path} holds no depth estimator (no depth_model.* MiDaS weights): pass "
+            f"--depth depth.png (a depth map of {image}){hint}"
+        )
+    min_side = None if depth is not None else MIDAS_CONFIGS[cfg.depth.estimator].multiple_of
+    picture = load_image_padded(image, size_multiple(cfg), min_side)
+    padded = (int(picture.shape[-2]), int(picture.shape[-1]))
+    depth_map = None if depth is None else load_depth_map(depth, image, padded)
+    seed = secrets.randbelow(2**31) if seed is None else seed
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = _build(source, device, lora, lora_scale)
+    images = image_to_image(
+        model, [prompt] * n, picture, strength=strength, depth=depth_map,
+        negative_prompt=negative_prompt, steps=steps, scale=scale, eta=eta, seed=seed,
+    )  # fmt: skip
+    return _write(out, images, seed, source)

@@ -42,6 +42,7 @@ from sdtrain.data.degradation import degrade, downscale
 from sdtrain.data.transforms import masked_images
 from sdtrain.diffusion.samplers import KnownRegion
 from sdtrain.errors import ConfigError
+from sdtrain.models.midas import SCRIPT_EPS
 from sdtrain.models.upscaling import LowResNoise, UpscaleConfig
 
 Conditioning = Literal["txt2img", "inpainting", "depth", "upscale"]
@@ -156,6 +157,9 @@ class ConditioningComponent:
     """A 4-channel base UNet may initialise this mode, widened with zero input channels."""
     diffusers_pipeline: ClassVar[str] = "StableDiffusionPipeline"
     """The diffusers pipeline class that loads a model folder of this mode."""
+    image_to_image: ClassVar[bool] = False
+    """``sdtrain sample --image`` repaints the image from its latents noised to ``--strength``
+    (the original depth2img script); the mode's own inputs may come from the image."""
 
     def extra_channels(self, latent_channels: int) -> int:
         """Channels concatenated after ``latent_channels`` noisy latent channels."""
@@ -373,6 +377,7 @@ class Depth(ConditioningComponent):
     sample_inputs = ("depth",)
     optional_inputs = ("image",)
     parts = ("depth",)
+    image_to_image = True
 
     def extra_channels(self, latent_channels: int) -> int:
         return 1
@@ -410,9 +415,20 @@ class Depth(ConditioningComponent):
         latent_hw: tuple[int, int],
         generator: torch.Generator | None = None,
     ) -> UNetConditioning:
+        """The given ``depth`` resized bicubic; without one, the model's MiDaS on ``image``
+        scaled as the depth2img scripts do (``depth_conditioning`` with eps 0)."""
         self.check_inputs(inputs.given())
-        assert inputs.depth is not None
-        return UNetConditioning(self.channels(latent_hw, {"depth": inputs.depth}))
+        if inputs.depth is not None:
+            return UNetConditioning(self.channels(latent_hw, {"depth": inputs.depth}))
+        if model.depth_estimator is None:
+            raise ConfigError("the model has no depth estimator (MiDaS): give a depth map")
+        return UNetConditioning(
+            model.depth_estimator.conditioning(inputs.image, latent_hw, eps=SCRIPT_EPS)
+        )
+
+    def check_inputs(self, given: set[str], model_name: str = "the model") -> None:
+        """A depth map, or an image for the model's estimator to take the depth from."""
+        super().check_inputs(given | ({"depth"} if "image" in given else set()), model_name)
 
     def stand_in_inputs(self, images: Tensor, depth: Tensor | None = None) -> ConditioningInputs:
         return ConditioningInputs(

@@ -54,6 +54,8 @@ __all__ = [
 
 TRAINING_EPS = 1e-3
 """The ``+ 0.001`` in ``get_input``'s per-sample scaling (the depth2img scripts use 0)."""
+SCRIPT_EPS = 0.0
+"""The depth2img scripts (``scripts/gradio|streamlit/depth2img.py``) scale with no epsilon."""
 
 
 @dataclass(frozen=True)
