@@ -21,6 +21,16 @@ float32 on CPU).
 adapter settings: rank 4 on the attention projections; ``--lora-rank`` to change), so the rows
 show what the adapter saves in step time and peak memory (``case`` ``<model>+lora@<px>``).
 
+``--depth`` times the preset's depth model instead (tiny-cpu: ``tiny-depth`` with the ``tiny``
+estimator at 64 px; gpu: ``sd2-depth`` with MiDaS ``dpt_hybrid`` at 512 px), one model and one
+batch, the full step with ``model.depth.source=midas`` (the frozen estimator computes the depth
+channel from the batch's images inside the step) against the same step with ``source=shard``
+(the depth map handed over in the batch), and the estimator's ``conditioning`` call alone, all
+three interleaved: what on-line depth costs per step against precomputed depth maps.
+
+``--clock cpu`` times with the process's CPU clock (``time.process_time``), which other processes
+on a shared machine do not advance (CPU presets only; with ``--threads 1`` the steadiest).
+
 ``--write-docs`` (or ``--out FILE``) replaces this preset's marked block in docs/benchmarks.md.
 Without a CUDA device the gpu preset prints why it skipped and exits 0.
 """
@@ -36,7 +46,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -84,16 +94,28 @@ class Preset:
     """torch CPU threads (None: torch's default)."""
     lora_rank: int = 0
     """> 0: each case also with a LoRA of this rank on the attention projections."""
+    depth_models: tuple[str, ...] = ()
+    """``--depth``: the depth models (``model.conditioning: depth``) to compare midas vs shard."""
+    depth_estimator: Literal["dpt_hybrid", "tiny"] = "tiny"
+    """``--depth``: the MiDaS size (``model.depth.estimator``)."""
+    depth_pixels: tuple[int, ...] = ()
+    """``--depth``: image sizes of the depth comparison."""
+    depth: bool = False
+    """Run the depth comparison (midas vs shard) instead of the full / unet cases."""
+    clock: Literal["wall", "cpu"] = "wall"
+    """``cpu``: the process's CPU time, which other processes do not advance (CPU only)."""
 
 
 PRESETS: dict[str, Preset] = {
     "tiny-cpu": Preset(
         "tiny-cpu", ("tiny-base", "tiny-inpainting"), (64, 128), "cpu", False,
         batch_size=2, iters=5, warmup=2, matmul_size=1024, threads=1,
+        depth_models=("tiny-depth",), depth_estimator="tiny", depth_pixels=(64,),
     ),
     "gpu": Preset(
         "gpu", ("sd15", "sd2-base"), (256, 512), "cuda", True,
         batch_size=8, iters=20, warmup=5, matmul_size=8192,
+        depth_models=("sd2-depth",), depth_estimator="dpt_hybrid", depth_pixels=(512,),
     ),
 }  # fmt: skip
 """``tiny-cpu``: the repo's tiny models, seconds on a laptop (its numbers say nothing about a
@@ -103,6 +125,9 @@ GPU), one thread: on a shared machine two threads wait on each other far more th
 # ---------------------------------------------------------------------------------------------
 # Measurements
 # ---------------------------------------------------------------------------------------------
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def synchronize(device: torch.device) -> None:
@@ -149,11 +174,16 @@ class Timing:
 
 
 def time_interleaved(
-    steps: dict[str, Callable[[], None]], device: torch.device, iters: int, warmup: int
+    steps: dict[str, Callable[[], None]],
+    device: torch.device,
+    iters: int,
+    warmup: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Timing]:
     """Round-robin ``steps``: ``warmup`` untimed rounds, then ``iters`` timed ones, so that a
-    shared or drifting machine slows them alike. On CUDA also the memory allocated when each step
-    starts (weights, optimiser state, EMA, inputs) and the peak during it."""
+    shared or drifting machine slows them alike; each timed on ``clock``. On CUDA also the memory
+    allocated when each step starts (weights, optimiser state, EMA, inputs) and the peak during
+    it."""
     cuda = device.type == "cuda"
     timings = {name: Timing() for name in steps}
     for round_ in range(warmup + iters):
@@ -162,10 +192,10 @@ def time_interleaved(
             if cuda:
                 resident = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
+            start = clock()
             step()
             synchronize(device)
-            seconds = time.perf_counter() - start
+            seconds = clock() - start
             if round_ < warmup:
                 continue
             timing = timings[name]
@@ -182,12 +212,17 @@ def time_interleaved(
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_config(model: str, batch_size: int, lora_rank: int = 0) -> ExperimentConfig:
+def bench_config(
+    model: str, batch_size: int, lora_rank: int = 0, overrides: Sequence[str] = ()
+) -> ExperimentConfig:
     """The model's config with the training defaults (AdamW, EMA, caption dropout); with
-    ``lora_rank`` a LoRA of that rank (alpha = rank) on the attention projections."""
+    ``lora_rank`` a LoRA of that rank (alpha = rank) on the attention projections; then
+    ``overrides`` (``key=value``)."""
     lora = ["finetune.method=lora", f"finetune.lora.rank={lora_rank}",
             f"finetune.lora.alpha={lora_rank}"] if lora_rank else []  # fmt: skip
-    return load_config([MODELS / f"{model}.yaml"], [f"data.batch_size={batch_size}", *lora])
+    return load_config(
+        [MODELS / f"{model}.yaml"], [f"data.batch_size={batch_size}", *lora, *overrides]
+    )
 
 
 def make_batch(cfg: ExperimentConfig, pixels: int, device: torch.device) -> dict[str, Any]:
@@ -316,7 +351,7 @@ def run_case(
     latent = bench.unet_inputs[0]
     shape = f"{pixels}px, UNet input {tuple(latent.shape)}"
     steps = {name: bench.step(name) for name in STEPS}
-    timings = time_interleaved(steps, device, preset.iters, preset.warmup)
+    timings = time_interleaved(steps, device, preset.iters, preset.warmup, CLOCKS[preset.clock])
     rows = []
     for name, timing in timings.items():
         seconds = timing.median_s
@@ -328,6 +363,131 @@ def run_case(
             images_per_s=preset.batch_size / seconds,
             flops=flops[name],
             flops_per_s=flops[name] / seconds,
+        )
+        if timing.peak_bytes is not None and timing.resident_bytes is not None:
+            row.peak_mib = timing.peak_bytes / 2**20
+            row.resident_mib = timing.resident_bytes / 2**20
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Depth: on-line MiDaS vs precomputed depth maps
+# ---------------------------------------------------------------------------------------------
+
+DEPTH_STEPS = ("shard", "midas", "estimator")
+"""``shard``: the full step with the depth map from the batch; ``midas``: the same step with the
+frozen estimator computing it from the batch's images; ``estimator``: that computation alone."""
+
+
+@dataclass
+class DepthResult:
+    """One row of the depth comparison."""
+
+    case: str
+    step: str
+    shape: str
+    median_ms: float
+    images_per_s: float
+    flops: int
+    """Counted FLOPs of one call (the whole batch)."""
+    estimator_calls: int
+    """Forward calls of the estimator during this step's rounds (warm-up included)."""
+    ratio: float = math.nan
+    """Median time / the ``shard`` step's median."""
+    peak_mib: float | None = None
+    resident_mib: float | None = None
+
+
+class DepthStep(TrainStep):
+    """A depth model built with ``model.depth.source=midas``, and its full step run both ways:
+    with the estimator (``midas``) and with it set aside so that the depth channel comes from the
+    batch's ``depth`` member (``shard``), as ``source=shard`` builds the model without one."""
+
+    def __init__(self, cfg: ExperimentConfig, pixels: int, device: torch.device, bf16: bool):
+        super().__init__(cfg, pixels, device, bf16)
+        estimator = self.module.model.depth_estimator
+        assert estimator is not None, "the depth comparison needs model.depth.source=midas"
+        self.estimator = estimator
+        self.calls = 0
+        estimator.register_forward_hook(self._count)
+
+    def _count(self, *_: Any) -> None:
+        self.calls += 1
+
+    def _precompute(self) -> tuple[torch.Tensor, ...]:
+        with self._without_estimator():  # the unet step is not timed here; keep set-up cheap
+            return super()._precompute()
+
+    @contextlib.contextmanager
+    def _without_estimator(self) -> Iterator[None]:
+        model = self.module.model
+        estimator, model.depth_estimator = model.depth_estimator, None
+        try:
+            yield
+        finally:
+            model.depth_estimator = estimator
+
+    def step_shard(self) -> None:
+        """The full step, the depth channel resized from ``batch["depth"]``."""
+        with self._without_estimator():
+            self.step_full()
+
+    def step_midas(self) -> None:
+        """The full step, the depth channel from the estimator on the batch's images."""
+        self.step_full()
+
+    @torch.no_grad()
+    def step_estimator(self) -> None:
+        """The estimator's part of ``step_midas`` alone: images -> depth channel at latent size."""
+        images = to_model_images(self.batch["image"])  # (B, 3, H, W) in [-1, 1]
+        latent_hw = tuple(self.unet_inputs[0].shape[-2:])
+        with self.autocast():
+            self.estimator.conditioning(images, latent_hw)  # (B, 1, h, w)
+
+    def depth_step(self, name: str) -> Callable[[], None]:
+        """A step of DEPTH_STEPS by its name."""
+        return {"shard": self.step_shard, "midas": self.step_midas,
+                "estimator": self.step_estimator}[name]  # fmt: skip
+
+
+def run_depth_case(
+    model: str, pixels: int, preset: Preset, checkpointing: bool
+) -> list[DepthResult]:
+    """``model`` at ``pixels``: the shard, midas and estimator-only steps, interleaved."""
+    device = torch.device(preset.device)
+    overrides = ["model.depth.source=midas", f"model.depth.estimator={preset.depth_estimator}"]
+    cfg = bench_config(model, preset.batch_size, overrides=overrides)
+    bench = DepthStep(cfg, pixels, device, preset.bf16)
+    bench.unet.set_gradient_checkpointing(False)
+    flops = {name: counted_flops(bench.depth_step(name)) for name in DEPTH_STEPS}
+    bench.unet.set_gradient_checkpointing(checkpointing)
+    steps: dict[str, Callable[[], None]] = {}
+    calls = dict.fromkeys(DEPTH_STEPS, 0)
+    for name in DEPTH_STEPS:
+        step = bench.depth_step(name)
+
+        def counted(step: Callable[[], None] = step, name: str = name) -> None:
+            before = bench.calls
+            step()
+            calls[name] += bench.calls - before
+
+        steps[name] = counted
+    timings = time_interleaved(steps, device, preset.iters, preset.warmup, CLOCKS[preset.clock])
+    shard_s = timings["shard"].median_s
+    latent = bench.unet_inputs[0]
+    rows = []
+    for name, timing in timings.items():
+        seconds = timing.median_s
+        row = DepthResult(
+            case=f"{model}@{pixels}px",
+            step=name,
+            shape=f"{pixels}px, UNet input {tuple(latent.shape)}",
+            median_ms=1000 * seconds,
+            images_per_s=preset.batch_size / seconds,
+            flops=flops[name],
+            estimator_calls=calls[name],
+            ratio=seconds / shard_s,
         )
         if timing.peak_bytes is not None and timing.resident_bytes is not None:
             row.peak_mib = timing.peak_bytes / 2**20
@@ -357,23 +517,29 @@ class Report:
     warmup: int
     checkpointing: bool
     lora_rank: int = 0
+    depth_estimator: str = ""
+    """Set for the depth comparison (``--depth``): the MiDaS size."""
+    clock: str = "wall"
     matmul: str = ""
     """How the reference rate was measured, e.g. ``bf16 8192^3: 700.1 TFLOP/s``."""
     matmul_flops_per_s: float = 0.0
     rows: list[StepResult] = field(default_factory=list)
+    depth_rows: list[DepthResult] = field(default_factory=list)
     skipped: str = ""
 
     @property
     def section_key(self) -> str:
         lora = "+lora" if self.lora_rank else ""
-        return f"train_step:{self.preset}{'+ckpt' if self.checkpointing else ''}{lora}"
+        depth = "+depth" if self.depth_estimator else ""
+        return f"train_step:{self.preset}{'+ckpt' if self.checkpointing else ''}{lora}{depth}"
 
     def to_markdown(self) -> str:
         lines = [
             f"`{self.command}`",
             "",
             f"- date: {self.date}; {self.versions}",
-            f"- device: {self.device_name}; torch threads: {self.threads}",
+            f"- device: {self.device_name}; torch threads: {self.threads}; clock: {self.clock}"
+            + (" (process CPU time)" if self.clock == "cpu" else " (wall time)"),
             f"- {self.dtype}; batch {self.batch_size}; {self.warmup} warm-up + {self.iters} timed "
             "rounds (full and unet steps interleaved), median; gradient checkpointing "
             + ("on" if self.checkpointing else "off"),
@@ -383,8 +549,23 @@ class Report:
                 f"- `+lora` rows: LoRA rank {self.lora_rank} (alpha {self.lora_rank}) on the "
                 "attention projections; only the adapter trains (AdamW and EMA over it alone)"
             )
+        if self.depth_estimator:
+            lines[-1] = (
+                f"- {self.dtype}; batch {self.batch_size}; {self.warmup} warm-up + {self.iters} "
+                "timed rounds (shard, midas and estimator interleaved), median; gradient "
+                "checkpointing " + ("on" if self.checkpointing else "off")
+            )
+            lines.append(
+                f"- one model built with `model.depth.source=midas`, "
+                f"`model.depth.estimator={self.depth_estimator}`, and one batch: **shard** is the "
+                "full step with the estimator set aside (depth channel resized from the batch's "
+                "depth map), **midas** the same step with the estimator on the batch's images, "
+                "**estimator** its `conditioning` call alone"
+            )
         if self.skipped:
             return "\n".join([*lines, "", f"**Skipped:** {self.skipped}", ""])
+        if self.depth_estimator:
+            return "\n".join([*lines, "", *self._depth_table(), ""])
         lines += [
             f"- reference matmul rate: {self.matmul}",
             "",
@@ -402,6 +583,34 @@ class Report:
                 f"| {100 * r.utilisation:.1f}% | {memory} |"
             )
         return "\n".join([*lines, ""])
+
+    def _depth_table(self) -> list[str]:
+        lines = [
+            "| case | step | shape | median ms | images/s | x shard | GFLOP/image "
+            "| estimator calls | peak / resident MiB |",
+            "|---|---|---|--:|--:|--:|--:|--:|--:|",
+        ]
+        for r in self.depth_rows:
+            memory = "–"
+            if r.peak_mib is not None:
+                memory = f"{r.peak_mib:,.0f} / {r.resident_mib:,.0f}"
+            lines.append(
+                f"| {r.case} | {r.step} | {r.shape} | {r.median_ms:.1f} | {r.images_per_s:.2f} "
+                f"| {r.ratio:.2f} | {r.flops / self.batch_size / 1e9:.3f} | {r.estimator_calls} "
+                f"| {memory} |"
+            )
+        lines.append("")
+        for case in dict.fromkeys(r.case for r in self.depth_rows):
+            by_step = {r.step: r for r in self.depth_rows if r.case == case}
+            shard, midas, alone = by_step["shard"], by_step["midas"], by_step["estimator"]
+            extra = midas.median_ms - shard.median_ms
+            lines.append(
+                f"- {case}: on-line depth {midas.median_ms:.1f} ms/step vs precomputed "
+                f"{shard.median_ms:.1f} ms/step, x{midas.ratio:.2f} ({extra:+.1f} "
+                f"ms); the estimator alone {alone.median_ms:.1f} ms, "
+                f"{100 * alone.median_ms / midas.median_ms:.0f}% of the midas step"
+            )
+        return lines
 
 
 def _device_name(device: str) -> str:
@@ -434,6 +643,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--lora", action="store_true", help="each case also as a LoRA run (rows <model>+lora)"
     )
     parser.add_argument("--lora-rank", type=int, default=4, help="LoRA rank (default 4)")
+    parser.add_argument(
+        "--depth",
+        action="store_true",
+        help="compare model.depth.source=midas vs shard on the preset's depth model instead",
+    )
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), help="wall (default) or cpu (process CPU time)"
+    )
     parser.add_argument("--write-docs", action="store_true", help=f"update {DEFAULT_DOCS.name}")
     parser.add_argument("--out", type=Path, help="update this markdown file (implies writing)")
     return parser.parse_args(argv)
@@ -455,11 +672,24 @@ def run_preset(preset: Preset, checkpointing: bool, command: str) -> Report:
         warmup=preset.warmup,
         checkpointing=checkpointing,
         lora_rank=preset.lora_rank,
+        depth_estimator=preset.depth_estimator if preset.depth else "",
+        clock=preset.clock,
     )
     if cuda and not torch.cuda.is_available():
         report.skipped = "no CUDA device here; the gpu preset needs one."
         return report
+    if cuda and preset.clock == "cpu":
+        report.skipped = "--clock cpu times CPU presets only (GPU steps run asynchronously)."
+        return report
     report.device_name = _device_name(preset.device)
+    if preset.depth:
+        for model in preset.depth_models:
+            for pixels in preset.depth_pixels:
+                print(f"running {model} @ {pixels}px, midas vs shard ...", file=sys.stderr)
+                report.depth_rows += run_depth_case(model, pixels, preset, checkpointing)
+                if cuda:
+                    torch.cuda.empty_cache()
+        return report
     device = torch.device(preset.device)
     dtype = torch.bfloat16 if preset.bf16 else torch.float32
     n = preset.matmul_size
@@ -498,7 +728,13 @@ def main(argv: Sequence[str] | None = None) -> Report:
         warmup=base.warmup if args.warmup is None else args.warmup,
         matmul_size=args.matmul_size or base.matmul_size,
         lora_rank=args.lora_rank if args.lora else 0,
+        depth_models=tuple(args.models or base.depth_models),
+        depth_pixels=tuple(args.pixels or base.depth_pixels),
+        depth=args.depth,
+        clock=args.clock or base.clock,
     )
+    if args.depth and args.lora:
+        raise SystemExit("--depth and --lora are separate comparisons: pass one of them")
     shown = ["python", "bench/train_step.py", *(sys.argv[1:] if argv is None else argv)]
     with torch_threads(args.threads or preset.threads):
         report = run_preset(preset, args.checkpointing, shlex.join(shown))
@@ -508,6 +744,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     if out is not None:
         title = f"Training step: {preset.name}" + (" + checkpointing" * args.checkpointing)
         title += f", full vs LoRA rank {preset.lora_rank}" if preset.lora_rank else ""
+        title += ", on-line MiDaS depth vs precomputed" if preset.depth else ""
         write_section(out, report.section_key, title, markdown, level="###")
         print(f"wrote the {report.section_key} block of {out}", file=sys.stderr)
     return report

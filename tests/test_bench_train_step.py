@@ -1,5 +1,7 @@
 """Smoke test of bench/train_step.py: the tiny-cpu preset at micro size runs both steps (full
-and UNet-only) of both tiny models end to end, and the report is well formed. No timing checks."""
+and UNet-only) of both tiny models end to end, and the report is well formed; the depth
+comparison (``--depth``: midas vs shard) runs the estimator in the midas step only and adds
+exactly its FLOPs. No timing checks."""
 
 from __future__ import annotations
 
@@ -7,6 +9,10 @@ import importlib.util
 import math
 import sys
 from pathlib import Path
+
+import pytest
+
+from sdtrain.errors import ConfigError
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_step.py"
 
@@ -71,3 +77,39 @@ def test_train_step_lora_rows(tmp_path: Path) -> None:
     assert by_key["tiny-base+lora@32px", "unet"].flops > 0
     assert report.section_key == "train_step:tiny-cpu+lora"
     assert "LoRA rank 4" in (tmp_path / "b.md").read_text()
+
+
+def test_train_step_depth_midas_vs_shard(tmp_path: Path) -> None:
+    bench = _load_bench()
+    docs = tmp_path / "b.md"
+    argv = ["--preset", "tiny-cpu", "--depth", "--pixels", "32", "--batch-size", "1",
+            "--iters", "2", "--warmup", "1", "--threads", "1", "--clock", "cpu"]  # fmt: skip
+    report = bench.main([*argv, "--out", str(docs)])
+    assert not report.skipped and not report.rows
+    assert [(r.case, r.step) for r in report.depth_rows] == [
+        ("tiny-depth@32px", s) for s in ("shard", "midas", "estimator")
+    ]
+    by_step = {r.step: r for r in report.depth_rows}
+    for row in report.depth_rows:
+        assert math.isfinite(row.median_ms) and row.median_ms > 0
+    # The midas step ran the estimator once per round (1 warm-up + 2 timed), the shard step never.
+    assert by_step["shard"].estimator_calls == 0
+    assert by_step["midas"].estimator_calls == 3
+    assert by_step["estimator"].estimator_calls == 3
+    # On-line depth adds exactly the estimator's FLOPs to the otherwise identical step.
+    shard, midas, alone = (by_step[s].flops for s in ("shard", "midas", "estimator"))
+    assert alone > 0 and midas == shard + alone
+    assert by_step["shard"].ratio == 1.0
+    assert report.section_key == "train_step:tiny-cpu+depth"
+    text = docs.read_text()
+    assert "`model.depth.estimator=tiny`" in text and "| tiny-depth@32px | midas |" in text
+    assert "clock: cpu" in text
+
+
+def test_train_step_depth_rejects_a_model_without_depth() -> None:
+    bench = _load_bench()
+    argv = ["--preset", "tiny-cpu", "--depth", "--models", "tiny-base", "--pixels", "32",
+            "--batch-size", "1", "--iters", "1", "--warmup", "0"]  # fmt: skip
+    # The config loader's own check, naming the key (a depth source on a model without depth).
+    with pytest.raises(ConfigError, match=r"'model\.depth\.source'.*has no depth channel"):
+        bench.main(argv)
