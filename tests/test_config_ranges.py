@@ -40,6 +40,18 @@ OUT_OF_RANGE: dict[str, str] = {
     "model.unet.image_size": "0",
     "model.unet.num_heads_upsample": "-2",
     "model.unet.dims": "3",
+    "model.unet.num_classes": "0",
+    # model.upscale (x4 upscaler low-res conditioning)
+    "model.upscale.factor": "0",
+    "model.upscale.max_noise_level": "1000",
+    "model.upscale.linear_start": "0.5",
+    "model.upscale.linear_end": "2",
+    "model.upscale.timesteps": "0",
+    "model.upscale.noise_level": "-1",
+    "model.upscale.max_input_size": "0",
+    "model.upscale.degradation.blur_sigma": "-1",
+    "model.upscale.degradation.noise_std": "-1",
+    "model.upscale.degradation.jpeg_quality": "100",
     # model.autoencoder
     "model.autoencoder.embed_dim": "0",
     "model.autoencoder.scale_factor": "0",
