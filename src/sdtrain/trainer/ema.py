@@ -60,9 +60,14 @@ class EMA:
         decay = self.current_decay()
         self.num_updates += 1
         params = dict(module.named_parameters())
-        for name, shadow in self.shadow.items():
-            param = params[name].detach()
-            shadow.sub_((shadow - param.to(shadow.device, torch.float32)) * (1.0 - decay))
+        shadows = list(self.shadow.values())
+        current = [
+            params[name].detach().to(s.device, torch.float32) for name, s in self.shadow.items()
+        ]
+        # shadow -= (shadow - param) * (1 - decay), every tensor in one foreach call per op
+        diffs = torch._foreach_sub(shadows, current)
+        torch._foreach_mul_(diffs, 1.0 - decay)
+        torch._foreach_sub_(shadows, diffs)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -85,6 +85,7 @@ class AutoencoderModule(pl.LightningModule):
             betas=tuple(optim.betas),
             eps=optim.eps,
             weight_decay=optim.weight_decay,
+            foreach=True,  # as LatentDiffusionModule: the per-tensor loop's result, less overhead
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
