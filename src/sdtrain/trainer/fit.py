@@ -337,6 +337,8 @@ def fit(cfg: ExperimentConfig, callbacks: Sequence[Callback] = ()) -> Path:
     with StopSignals() as signals:
         try:
             check_allocation(cfg.trainer.devices, cfg.trainer.num_nodes)
+            if _launch_rank() == 0:
+                RunLock(folder).check_free()  # a second run on the folder fails first
             from sdtrain.data.pipeline import check_shards
 
             check_shards(cfg.data, cfg.trainer.num_nodes * cfg.trainer.devices)

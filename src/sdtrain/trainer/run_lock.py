@@ -88,6 +88,29 @@ class RunLock:
         self.notes: list[str] = []
         self._fd: int | None = None
 
+    def check_free(self) -> None:
+        """Raise ``RunFolderLocked`` now if a live run holds the folder, writing nothing (so a
+        second start fails at once, before its other checks); a requeue of the same SLURM job is
+        left to ``acquire``, which waits for its predecessor."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # no lock file (or not readable): acquire decides
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                mine = slurm_job_id()
+                if not (holder is not None and mine and holder.job == mine):
+                    raise RunFolderLocked(self._held_message(holder)) from None
+            except OSError:
+                return  # no file locks here: acquire logs it
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
     def __enter__(self) -> RunLock:
         self.acquire()
         return self
