@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
 
 from sdtrain.config.loader import to_yaml
 from sdtrain.data.pipeline import LaionLoader
@@ -168,6 +169,7 @@ def train_first_stage(
         max_epochs=-1,
         gradient_clip_val=t.gradient_clip_val or None,
         logger=build_loggers(cfg, folder),
+        callbacks=[TQDMProgressBar()],  # as fit: progress shows in log files
         enable_checkpointing=False,
         use_distributed_sampler=False,
         num_sanity_val_steps=0,

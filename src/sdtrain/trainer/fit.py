@@ -21,7 +21,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 
@@ -302,6 +302,9 @@ def build_trainer(
         deterministic=t.deterministic,
         logger=build_loggers(cfg, plan.dir),
         callbacks=[
+            # tqdm, not rich (Lightning's pick when rich is installed): rich writes nothing to a
+            # log file until the end, so SLURM logs would show no progress.
+            TQDMProgressBar(),
             checkpoints,
             ThroughputMonitor(),
             *validation_callbacks(cfg, plan.dir),

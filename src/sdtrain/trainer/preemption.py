@@ -135,6 +135,10 @@ class StopSignals:
         self.cancel_deadline()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if self._previous and in_slurm_step():
+            # SLURM's warning signal may come after the work is done (or stopped): it must not
+            # kill the step while it exits (SIGUSR1's default action would mark the job FAILED).
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         self._previous = {}
 
     def install(self) -> None:
