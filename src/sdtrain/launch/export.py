@@ -7,8 +7,9 @@ the config's ``init_from`` file holds, or the random initialisation seeded by ``
 started from scratch. The export rebuilds the model exactly as ``fit`` did (same seed, same
 ``build_module``) so those parts are the ones training saw, puts the chosen UNet weights in and
 writes every part in the original layout (``model.diffusion_model.*``, ``first_stage_model.*``,
-``cond_stage_model.*``, the twelve schedule buffers), readable by ``read_checkpoint`` and by the
-tools that read released Stable Diffusion files.
+``cond_stage_model.*``, the twelve schedule buffers; a depth model's ``depth_model.*``: its
+estimator, or with ``model.depth.source: shard`` the ``init_from`` file's, unchanged), readable by
+``read_checkpoint`` and by the tools that read released Stable Diffusion files.
 
 EMA: released files (``512-base-ema.ckpt`` ...) carry the EMA weights *as* the UNet. That is the
 default here whenever the run kept an EMA; ``use_ema=False`` exports the raw weights and
@@ -205,7 +206,7 @@ def export_run(
         if out.is_dir():
             out.rmdir()  # the empty folder cannot_write may have created; written whole below
         path = write_diffusers(
-            out, ckpt.config.model, **{k: v for k, v in parts.items() if k != "schedule"},
+            out, ckpt.config.model, **{k: v for k, v in parts.items() if k in _DIFFUSERS_PARTS},
             ema_decay=ckpt.ema_decay, ema_num_updates=ckpt.ema_num_updates,
             global_step=ckpt.global_step, dtype=dtype, sample_size=_latent_size(ckpt),
             extra_metadata=metadata,
@@ -223,6 +224,11 @@ def export_run(
         )
     return Exported(path, ckpt.path, ckpt.global_step, weights,
                     with_ema, ckpt.config.model.name)  # fmt: skip
+
+
+# A diffusers folder takes these; its scheduler config holds the schedules, and a depth
+# pipeline's estimator (DPTForDepthEstimation) is another layout, not written here.
+_DIFFUSERS_PARTS = ("unet", "vae", "text", "ema")
 
 
 def check_merge(ckpt: TrainingCheckpoint, merge: bool, with_ema: bool) -> None:
@@ -309,6 +315,8 @@ def convert_checkpoint(
     ema_args = {"ema_decay": float(decay) if decay is not None else 0.9999,
                 "ema_num_updates": int(updates) if updates is not None else 0}  # fmt: skip
     parts = {"unet": unet, "vae": ckpt.vae, "text": ckpt.text, "ema": ema_sd}
+    if to == "original":
+        parts["depth"] = ckpt.depth  # a depth model's MiDaS (depth_model.*), carried through
     if dtype is not None:
         cast = EXPORT_DTYPES[dtype]
         parts = {k: _cast(v, k, cast) if v is not None else None for k, v in parts.items()}
@@ -326,4 +334,6 @@ def convert_checkpoint(
             raise ConfigError(f"{dst} exists and is not an empty folder; choose a new folder")
         out = write_diffusers(dst, cfg, **parts, global_step=ckpt.global_step, **ema_args)
     left = f"; left out {len(ckpt.other)} other key(s)" if ckpt.other else ""
+    if to == "diffusers" and ckpt.depth:
+        left += f"; left out {len(ckpt.depth)} depth_model.* tensor(s) (the MiDaS estimator)"
     return f"wrote {out} ({to} layout{', EMA included' if parts['ema'] else ''}){left}"

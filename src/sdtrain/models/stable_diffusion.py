@@ -74,6 +74,10 @@ class StableDiffusion(nn.Module):
             cfg.conditioning
         ).noise_augmentation(cfg.upscale)
         """An upscaler's low-res noise augmentation (original ``low_scale_model``)."""
+        self.carried_depth: dict[str, torch.Tensor] = {}
+        """``depth_model.*`` of the loaded checkpoint when the model holds no estimator
+        (``model.depth.source: shard``): not used, not in ``state_dict()``, written back unchanged
+        by ``original_parts`` so a round trip of an original depth file keeps them."""
 
     def train(self, mode: bool = True) -> StableDiffusion:
         """Only the UNet ever trains; the first stage and text encoder stay in eval mode."""
@@ -151,7 +155,8 @@ class StableDiffusion(nn.Module):
         """Load the requested parts strictly; widen a narrower UNet input conv with zeros.
 
         ``parts`` default: UNet, VAE and text, and "depth" (``depth_model.*``) when the model
-        has a depth estimator."""
+        has a depth estimator. Without one, a loaded UNet's ``depth_model.*`` are carried
+        (``carried_depth``)."""
         source = str(ckpt.path) if ckpt.path is not None else "<state dict>"
         report = LoadReport()
         if parts is None:
@@ -186,6 +191,8 @@ class StableDiffusion(nn.Module):
         if "depth" in parts and self.depth_estimator is not None:
             load_state_dict_strict(self.depth_estimator, ckpt.depth, source=source, what="MiDaS")
             report.loaded.append("depth")
+        elif "unet" in parts and self.depth_estimator is None:
+            self.carried_depth = dict(ckpt.depth)
         self._check_schedule(ckpt.schedule, source)
         self._check_low_scale(ckpt.low_scale, source)
         return report
@@ -249,6 +256,8 @@ class StableDiffusion(nn.Module):
         }
         if self.depth_estimator is not None:
             parts["depth"] = {k: v.detach() for k, v in self.depth_estimator.state_dict().items()}
+        elif self.carried_depth:
+            parts["depth"] = dict(self.carried_depth)
         if self.low_scale_model is not None:
             parts["low_scale"] = self.low_scale_model.original_buffers()
         if ema is not None:
