@@ -136,10 +136,11 @@ def load_torch(
     except pickle.UnpicklingError as err:
         raise _pickle_refusal(path, err) from None
     except Exception as err:  # torch surfaces corruption as RuntimeError, EOFError, KeyError...
-        what = "the archive is truncated or corrupt" if is_zip else "it is truncated or corrupt"
-        raise CheckpointError(
-            f"cannot be read as a torch checkpoint: {what} ({_detail(err)})", path
-        ) from None
+        if is_zip:
+            message = "cannot be read as a torch checkpoint: the archive is truncated or corrupt"
+        else:
+            message = "is not a checkpoint, or is a truncated or corrupt legacy torch file"
+        raise CheckpointError(f"{message} ({_detail(err)})", path) from None
 
 
 def _starts_like_a_pickle(path: Path) -> bool:
@@ -160,8 +161,7 @@ def _pickle_refusal(path: Path, err: pickle.UnpicklingError) -> CheckpointError:
         )
     detail = _detail(str(err).split("WeightsUnpickler error:")[-1])
     return CheckpointError(
-        f"is not a checkpoint, or is corrupt: its pickle was not written by torch.save "
-        f"({detail}). " + _REFUSAL_ADVICE,
+        f"is not a checkpoint, or is corrupt: its pickle was not written by torch.save ({detail})",
         path,
     )
 
