@@ -7,9 +7,10 @@ the config's ``init_from`` file holds, or the random initialisation seeded by ``
 started from scratch. The export rebuilds the model exactly as ``fit`` did (same seed, same
 ``build_module``) so those parts are the ones training saw, puts the chosen UNet weights in and
 writes every part in the original layout (``model.diffusion_model.*``, ``first_stage_model.*``,
-``cond_stage_model.*``, the twelve schedule buffers; a depth model's ``depth_model.*``: its
-estimator, or with ``model.depth.source: shard`` the ``init_from`` file's, unchanged), readable by
-``read_checkpoint`` and by the tools that read released Stable Diffusion files.
+``cond_stage_model.*``, the twelve schedule buffers; an x4 upscaler's ``low_scale_model.*``; a
+depth model's ``depth_model.*``: its estimator, or with ``model.depth.source: shard`` the
+``init_from`` file's, unchanged), readable by ``read_checkpoint`` and by the tools that read
+released Stable Diffusion files.
 
 EMA: released files (``512-base-ema.ckpt`` ...) carry the EMA weights *as* the UNet. That is the
 default here whenever the run kept an EMA; ``use_ema=False`` exports the raw weights and
@@ -255,9 +256,13 @@ def _latent_size(ckpt: TrainingCheckpoint) -> int:
     return ckpt.config.data.image.size // ckpt.config.model.latent_downsampling
 
 
+# Noise-schedule buffers (the main one and an upscaler's low-res one) stay float32, as in
+# released half-precision files: they are numbers of the schedule, not weights.
+_FLOAT32_PARTS = ("schedule", "low_scale")
+
+
 def _cast(part: dict, name: str, dtype: torch.dtype) -> dict:
-    # The schedule buffers stay float32, as in released half-precision files.
-    if name == "schedule":
+    if name in _FLOAT32_PARTS:
         return part
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in part.items()}
 
@@ -317,6 +322,7 @@ def convert_checkpoint(
     parts = {"unet": unet, "vae": ckpt.vae, "text": ckpt.text, "ema": ema_sd}
     if to == "original":
         parts["depth"] = ckpt.depth  # a depth model's MiDaS (depth_model.*), carried through
+        parts["low_scale"] = ckpt.low_scale  # an x4 upscaler's low-res schedule buffers
     if dtype is not None:
         cast = EXPORT_DTYPES[dtype]
         parts = {k: _cast(v, k, cast) if v is not None else None for k, v in parts.items()}
@@ -336,4 +342,9 @@ def convert_checkpoint(
     left = f"; left out {len(ckpt.other)} other key(s)" if ckpt.other else ""
     if to == "diffusers" and ckpt.depth:
         left += f"; left out {len(ckpt.depth)} depth_model.* tensor(s) (the MiDaS estimator)"
+    if to == "diffusers" and ckpt.low_scale:
+        left += (
+            f"; left out {len(ckpt.low_scale)} low_scale_model.* buffer(s) (the folder's "
+            "low_res_scheduler holds that schedule)"
+        )
     return f"wrote {out} ({to} layout{', EMA included' if parts['ema'] else ''}){left}"
