@@ -126,6 +126,14 @@ OUT_OF_RANGE: dict[str, str] = {
     "validation.image_size": "12",
     "validation.loss_batches": "0",
     "validation.loss_buckets": "0",
+    # prior (DreamBooth prior preservation)
+    "prior.num_images": "0",
+    "prior.loss_weight": "-1",
+    "prior.batch_size": "-1",
+    "prior.sample_batch_size": "0",
+    "prior.steps": "0",
+    "prior.guidance_scale": "-1",
+    "prior.seed": "-1",
     "seed": "-1",
 }
 """One value outside the field's range for every numeric field of the experiment schema."""

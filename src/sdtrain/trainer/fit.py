@@ -43,6 +43,7 @@ from sdtrain.trainer.checkpoints import (
 )
 from sdtrain.trainer.experiment import ExperimentConfig
 from sdtrain.trainer.module import LatentDiffusionModule, NonFiniteError, effective_batch_line
+from sdtrain.trainer.prior import DreamBooth, class_image_dir
 from sdtrain.trainer.preemption import (
     PreemptionCallback,
     RunInterrupted,
@@ -380,6 +381,9 @@ def _fit(
     # depth_model.* carried from init_from serve exports only, which rebuild from init_from:
     # not held in every rank's memory for the whole run (~490 MB for 512-depth-ema.ckpt).
     module.model.carried_depth = {}
+    if cfg.dreambooth.instance_prompt or cfg.prior.enabled:
+        resuming = plan.resume_from is not None
+        module.dreambooth = DreamBooth(cfg, class_image_dir(cfg.prior, plan.dir), resuming)
     trainer = build_trainer(cfg, plan, callbacks, signals)
     if trainer.is_global_zero:
         files.write_text(plan.dir / "config.yaml", to_yaml(cfg))
