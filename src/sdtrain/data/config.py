@@ -181,6 +181,13 @@ class DataConfig:
     """Inpainting masks."""
     depth: DepthConfig = field(default_factory=DepthConfig)
     """Depth maps."""
+    latents: bool = False
+    """Read latent shards written by ``sdtrain data encode`` (``data/latents.py``): the stored VAE
+    posterior replaces the image, so training skips the VAE encoder; the crops are the ones the
+    encode run made. A shard from another VAE or at another size is refused."""
+    text_embeddings: bool = False
+    """With ``latents``: the caption embeddings of ``data encode --text`` replace the text
+    encoder (caption dropout uses the empty prompt's embedding, computed once)."""
     max_error_rate: float = 0.05
     """Stop the run when more than this fraction of the samples seen are unreadable ..."""
     error_rate_min_samples: int = 1000
@@ -203,4 +210,7 @@ class DataConfig:
         if not 0 <= self.max_error_rate <= 1:
             raise ConfigError("must be a fraction in [0, 1]", key="max_error_rate")
         require_range(self, "error_rate_min_samples", low=0)
+        if self.text_embeddings and not self.latents:
+            raise ConfigError("needs data.latents: true (latent shards)", key="text_embeddings")
+        require_range(self, "seed", low=0, high=2**32 - 1)
         require_range(self, "seed", low=0, high=2**32 - 1)

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from sdtrain.data.config import DataConfig
 from sdtrain.data.filters import DataStats, MetadataFilter, explain_rejections
+from sdtrain.data.latents import LatentDecodeError, latent_sample
 from sdtrain.data.masks import build_mask_generator
 from sdtrain.data.shards import (
     DataError,
@@ -423,6 +424,8 @@ class WorkerStream:
         """Decode, crop, mask: the model-ready (uint8) sample, or None when it is unusable."""
         raw = pending.raw
         where = f"{shard_name(self.plan.urls[pending.url_index])}/{raw.key}"
+        if self.cfg.latents:  # latent shards (``sdtrain data encode``): no image to decode
+            return self._prepare_latents(pending, where)
         data = next((raw.members[k] for k in self.cfg.image_keys if k in raw.members), None)
         if data is None:
             self._error("missing_image", where, f"none of {self.cfg.image_keys} present")
@@ -450,6 +453,20 @@ class WorkerStream:
             sample["depth"] = depth
         return sample
 
+    def _prepare_latents(self, pending: _Pending, where: str) -> dict[str, Any] | None:
+        """A latent sample (``data.latents``): stored moments and crops, the flip and the mask
+        drawn here in that order; a bad member is counted like a bad image."""
+        rng = self._sample_rng(pending)
+        try:
+            sample = latent_sample(pending.raw.members, self.cfg, rng, where)
+        except LatentDecodeError as err:
+            self._error("bad_latent", where, str(err))
+            return None
+        sample["caption"], sample["key"] = pending.caption, pending.raw.key
+        if self.masks is not None:
+            sample["mask"] = torch.from_numpy(self.masks(rng).mask)[None]  # (1, H, W) uint8
+        return sample
+
     def _depth(self, raw: RawSample, info: CropInfo, where: str) -> torch.Tensor | None:
         cfg = self.cfg.depth
         suffix = next((k for k in cfg.keys if k in raw.members), None)
@@ -465,16 +482,22 @@ class WorkerStream:
             self._error("bad_depth", where, str(err))
             return None
 
-    def batches(self) -> Iterator[dict[str, Any]]:
-        """Collated batches, each with this worker's position after it under ``__state__``."""
-        batch: list[dict[str, Any]] = []
+    def samples(self) -> Iterator[tuple[RawSample, dict[str, Any]]]:
+        """Model-ready samples in stream order, each with the raw sample it was made from
+        (``sdtrain data encode`` copies its other members); unusable ones are counted."""
         for pending in self._shuffled():
             sample = self._prepare(pending)
             self._count_drawn(pending, usable=sample is not None)
             if sample is None:
                 continue
-            batch.append(sample)
             self.stats.kept += 1
+            yield pending.raw, sample
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """Collated batches, each with this worker's position after it under ``__state__``."""
+        batch: list[dict[str, Any]] = []
+        for _, sample in self.samples():
+            batch.append(sample)
             if len(batch) == self.cfg.batch_size:
                 yield self._collate(batch)
                 batch = []

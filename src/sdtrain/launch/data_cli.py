@@ -398,6 +398,28 @@ def cmd_depth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_encode(args: argparse.Namespace) -> int:
+    """``sdtrain data encode SHARDS... OUT --config X [key=value ...]``: see ``launch.encode``."""
+    from sdtrain.launch.encode import EncodeOptions, run_encode
+    from sdtrain.trainer.experiment import load_config
+
+    items = [*args.paths, *args.config]
+    overrides = [item for item in items if _OVERRIDE.match(item)]
+    files = [item for item in args.config if not _OVERRIDE.match(item)]
+    *specs, out = [item for item in args.paths if not _OVERRIDE.match(item)]
+    if not specs:
+        raise ConfigError("give the input shards and then the output folder: SHARDS... OUT")
+    if not files:
+        raise ConfigError("give the experiment or model config: --config FILE [FILE ...]")
+    cfg = load_config([resolve_config_path(name) for name in files], overrides)
+    urls = shard_urls(specs)
+    options = EncodeOptions(text=args.text, flip=args.flip, batch_size=args.batch_size)
+    summary = run_encode(cfg, urls, Path(out), options, device=args.device)
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -567,6 +589,48 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
                        help="estimator size (default dpt_hybrid; tiny for tests)")  # fmt: skip
     depth.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     depth.set_defaults(func=cmd_depth)
+
+    encode = actions.add_parser(
+        "encode",
+        help="precompute VAE latents (and caption embeddings) into latent shards",
+        description="Run the config's data pipeline (filters first, then decode and crop to "
+        "data.image) over SHARDS and the frozen VAE encoder over the crops, and write "
+        "OUT/<shard>.tar per input shard: the same keys, captions and json plus the posterior "
+        "moments (mean, logvar; float16), with --text the caption embedding, and for inpainting "
+        "/ depth models the crop / cropped depth map. Train on them with sdtrain fit ... "
+        "data.shards=OUT data.latents=true (docs/latents.md). Weights: the config's init_from "
+        "(else the seeded initialisation fit would make). Resumable: finished shards are "
+        "skipped, each written under a temporary name first. Shards are shared out by "
+        "SLURM_PROCID / SLURM_NTASKS (or RANK / WORLD_SIZE): start one process per GPU / task.",
+    )
+    encode.add_argument(
+        "paths",
+        nargs="+",
+        metavar="SHARDS... OUT",
+        help="input shards (files, folders or brace patterns), then the output folder; "
+        "key=value overrides may follow (init_from=..., data.image.size=...)",
+    )
+    encode.add_argument(
+        "--config",
+        nargs="+",
+        required=True,
+        metavar="YAML",
+        help="experiment or model config files merged in order (paths or shipped names)",
+    )
+    encode.add_argument(
+        "--text",
+        action="store_true",
+        help="also store the caption embeddings (train with data.text_embeddings=true)",
+    )
+    encode.add_argument(
+        "--flip",
+        choices=("both", "none"),
+        default="none",
+        help="both: also the moments of the flipped crop, for data.image.flip_p > 0 (default none)",
+    )
+    encode.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
+    encode.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    encode.set_defaults(func=cmd_encode)
 
     bench = actions.add_parser(
         "bench",

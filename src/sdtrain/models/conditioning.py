@@ -173,6 +173,11 @@ class ConditioningComponent:
         """The name of the frozen estimator the model must hold (``models.midas``), or None."""
         return None
 
+    def needs_pixels(self, depth: DepthConfig) -> bool:
+        """Whether a training step needs the images besides their latents: with cached latents
+        (``data.latents``) ``data encode`` then keeps the crop in the latent shard."""
+        return False
+
     def noise_augmentation(self, cfg: UpscaleConfig) -> LowResNoise | None:
         """The low-res noise augmentation the model must hold (``models.upscaling``), or None."""
         return None
@@ -191,12 +196,13 @@ class ConditioningComponent:
         self,
         model: FirstStage,
         batch: Mapping[str, Any],
-        images: Tensor,
+        images: Tensor | None,
         latents: Tensor,
         generator: torch.Generator | None,
     ) -> UNetConditioning:
         """Training / held-out: ``images`` (B, 3, H, W) in [-1, 1] on the model's device, their
-        ``latents``; random draws (posterior samples) from ``generator``."""
+        ``latents``; random draws (posterior samples) from ``generator``. ``images`` is None
+        with cached latents (``data.latents``) for modes that do not ``needs_pixels``."""
         return UNetConditioning()
 
     def from_inputs(
@@ -287,6 +293,9 @@ class Inpainting(ConditioningComponent):
 
     def extra_channels(self, latent_channels: int) -> int:
         return 1 + latent_channels
+
+    def needs_pixels(self, depth: DepthConfig) -> bool:
+        return True  # the masked image is encoded per step: its mask is drawn per step
 
     def channels(self, latent_hw: tuple[int, int], parts: Mapping[str, Tensor]) -> Tensor | None:
         """mask (B, 1, H, W) resized nearest + masked-image latents (B, C, h, w)."""
@@ -391,15 +400,16 @@ class Depth(ConditioningComponent):
         self,
         model: FirstStage,
         batch: Mapping[str, Any],
-        images: Tensor,
+        images: Tensor | None,
         latents: Tensor,
         generator: torch.Generator | None,
     ) -> UNetConditioning:
         latent_hw = tuple(latents.shape[-2:])
         if model.depth_estimator is not None:
+            assert images is not None, "source: midas needs the images (needs_pixels)"
             # As the original get_input: MiDaS on the images, resized, scaled to [-1, 1].
             return UNetConditioning(model.depth_estimator.conditioning(images, latent_hw))
-        depth = batch["depth"].to(images.device)
+        depth = batch["depth"].to(latents.device)  # (images are None with cached latents)
         return UNetConditioning(self.channels(latent_hw, {"depth": depth}))
 
     def required_data(self, depth: DepthConfig) -> tuple[str, ...]:
@@ -407,6 +417,9 @@ class Depth(ConditioningComponent):
 
     def frozen_estimator(self, depth: DepthConfig) -> str | None:
         return depth.estimator if depth.source == "midas" else None
+
+    def needs_pixels(self, depth: DepthConfig) -> bool:
+        return depth.source == "midas"
 
     def from_inputs(
         self,
@@ -455,6 +468,9 @@ class Upscale(ConditioningComponent):
 
     def noise_augmentation(self, cfg: UpscaleConfig) -> LowResNoise | None:
         return LowResNoise(cfg)
+
+    def needs_pixels(self, depth: DepthConfig) -> bool:
+        return True  # the low-res input is made from the target crop per step
 
     def check_model(self, cfg: Any) -> None:
         """The low-res image is concatenated at latent size and its level is a class label."""

@@ -9,6 +9,7 @@ text encoder are not stored in training checkpoints: they come back from ``init_
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -16,14 +17,15 @@ import torch
 import torch.distributed as dist
 
 from sdtrain.config.loader import to_yaml
+from sdtrain.data.latents import text_fingerprint, vae_fingerprint
 from sdtrain.data.pipeline import LOADER_STATE_KEY, LaionLoader
 from sdtrain.data.transforms import to_model_images
 from sdtrain.diffusion.loss import diffusion_loss, sample_noise
-from sdtrain.errors import ConfigError
+from sdtrain.errors import ConfigError, DataError
+from sdtrain.models.autoencoder import DiagonalGaussian
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.ema import EMA
 from sdtrain.trainer.experiment import ExperimentConfig
-from sdtrain.trainer.prior import DreamBooth
 
 log = logging.getLogger("sdtrain.trainer")
 UNET_PREFIX = "model.unet."
@@ -59,8 +61,10 @@ class LatentDiffusionModule(pl.LightningModule):
         self.nonfinite_total = 0
         self.nonfinite_steps: list[int] = []
         """The steps skipped as non-finite (the most recent ones), saved in every checkpoint."""
-        self.dreambooth: DreamBooth | None = None
-        """Instance prompt and class images (``dreambooth:`` / ``prior:``), set by ``fit``."""
+        self._fingerprints: dict[str, str] = {}
+        """This run's VAE / text encoder fingerprints, against latent shards (``data.latents``)."""
+        self._empty_context: torch.Tensor | None = None
+        """The empty prompt's text context, for caption dropout with cached embeddings."""
 
     # --- data -------------------------------------------------------------------------------
 
@@ -94,14 +98,6 @@ class LatentDiffusionModule(pl.LightningModule):
         optim = self.cfg.optim
         return optim.lr * (self.global_batch_size() if optim.scale_lr else 1)
 
-    def on_fit_start(self) -> None:
-        """DreamBooth: the class images are generated (by the model as it is before training)
-        and read before the first batch."""
-        if self.dreambooth is not None:
-            strategy = self.trainer.strategy
-            self.dreambooth.prepare(self.model, self.global_rank, self.trainer.world_size,
-                                    strategy.barrier)  # fmt: skip
-
     def on_train_start(self) -> None:
         """After a resume, the LR follows the current config (a new stage may change it); the
         optimiser state, weights and EMA are kept."""
@@ -128,35 +124,24 @@ class LatentDiffusionModule(pl.LightningModule):
         g = step_generator(
             self.cfg.seed, self.global_step, self.global_rank, self._micro, self.device
         )
-        micro, accumulate = self._micro, self.cfg.trainer.accumulate_grad_batches
-        self._micro = (self._micro + 1) % accumulate
+        self._micro = (self._micro + 1) % self.cfg.trainer.accumulate_grad_batches
         if self._micro == 0 and data_state is not None:
             # Checkpoints fall between optimiser steps, after the step's last micro-batch.
             self.data_states[self.global_rank] = data_state
-        split = None
-        if self.dreambooth is not None:  # instance prompt; class images appended
-            batch, split = self.dreambooth.mix(batch, self.global_step, micro, accumulate)
-        loss = self.diffusion_loss(batch, g, split)
+        loss = self.diffusion_loss(batch, g)
         if not torch.isfinite(loss):
             self._count_nonfinite("loss")
             return None
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=len(batch["caption"]))
         return loss
 
-    def diffusion_loss(
-        self, batch: dict[str, Any], g: torch.Generator, split: int | None = None
-    ) -> torch.Tensor:
-        """The training loss of one batch, every random draw taken from ``g``; with ``split``
-        (prior preservation) the samples from ``split`` on are class images: instance loss +
-        ``prior.loss_weight`` x their loss."""
+    def diffusion_loss(self, batch: dict[str, Any], g: torch.Generator) -> torch.Tensor:
+        """The training loss of one batch, every random draw taken from ``g``."""
         model, cfg = self.model, self.cfg
-        images = to_model_images(batch["image"].to(self.device))  # (B, 3, H, W) in [-1, 1]
-        latents = model.encode_images(images, generator=g)  # (B, 4, h, w), scaled
+        images, latents = self.encode_images(batch, g)  # (B, 3, H, W) or None; (B, 4, h, w)
         b = latents.shape[0]
         drop = torch.rand(b, generator=g, device=self.device) < cfg.trainer.text_dropout
-        captions = ["" if d else c for d, c in zip(drop.tolist(), batch["caption"], strict=True)]
-        with torch.no_grad():
-            context = model.text_encoder.encode(captions)  # (B, 77, D)
+        context = self.encode_text(batch, drop)  # (B, 77, D)
         # Mask / depth channels (inpainting: a posterior sample, drawn here, after the latents').
         cond = model.conditioning.from_batch(model, batch, images, latents, g)
         t = torch.randint(0, model.schedule.num_timesteps, (b,), generator=g, device=self.device)
@@ -166,14 +151,73 @@ class LatentDiffusionModule(pl.LightningModule):
         if cfg.trainer.channels_last:
             unet_in = unet_in.contiguous(memory_format=torch.channels_last)
         prediction = model.unet(unet_in, t, context, **cond.kwargs)
-        target = model.schedule.target(latents, t, noise)
-        if split is None:
-            return diffusion_loss(model.schedule, prediction, target, t)
-        own = diffusion_loss(model.schedule, prediction[:split], target[:split], t[:split])
-        prior = diffusion_loss(model.schedule, prediction[split:], target[split:], t[split:])
-        self.log("train/instance_loss", own, on_step=True, batch_size=split)
-        self.log("train/prior_loss", prior, on_step=True, batch_size=b - split)
-        return own + cfg.prior.loss_weight * prior
+        return diffusion_loss(
+            model.schedule, prediction, model.schedule.target(latents, t, noise), t
+        )
+
+    # --- encode: images (or their stored posterior) and captions -----------------------------
+
+    def encode_images(
+        self, batch: dict[str, Any], g: torch.Generator
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The batch's images in [-1, 1] (None when a latent batch holds none) and their scaled
+        latents: encoded by the VAE, or with ``data.latents`` sampled from the stored posterior
+        moments with ``g``, the same draw ``encode_images`` makes from the VAE's posterior."""
+        model = self.model
+        images = to_model_images(batch["image"].to(self.device)) if "image" in batch else None
+        if not self.cfg.data.latents:
+            assert images is not None
+            return images, model.encode_images(images, generator=g)
+        self._check_source(batch, "latent_vae", "VAE", self._vae_fingerprint)
+        if images is None and model.conditioning.needs_pixels(self.cfg.model.depth):
+            raise DataError(
+                f"latent shard sample {batch['key'][0]} holds no cropped image, which a "
+                f"{model.conditioning.description} model needs in every step: encode the shards "
+                "with this model's config (sdtrain data encode ... --config ...)"
+            )
+        moments = batch["moments"].to(self.device, torch.float32)  # (B, 2C, h, w)
+        latents = DiagonalGaussian(moments).sample(g)  # (B, C, h, w)
+        return images, latents * model.config.autoencoder.scale_factor
+
+    def encode_text(self, batch: dict[str, Any], drop: torch.Tensor) -> torch.Tensor:
+        """Text context (B, T, D); captions where ``drop`` is set are the empty prompt. With
+        ``data.text_embeddings`` from the batch, the empty prompt's embedding computed once."""
+        model = self.model
+        if not self.cfg.data.text_embeddings:
+            captions = ["" if d else c for d, c in zip(drop.tolist(), batch["caption"],
+                                                       strict=True)]  # fmt: skip
+            with torch.no_grad():
+                return model.text_encoder.encode(captions)
+        self._check_source(batch, "latent_text", "text encoder", self._text_fingerprint)
+        cached = batch["text_embedding"].to(self.device, torch.float32)  # (B, T, D)
+        if self._empty_context is None:
+            with torch.no_grad():
+                self._empty_context = model.text_encoder.encode([""]).float()  # (1, T, D)
+        return torch.where(drop[:, None, None], self._empty_context, cached)
+
+    def _vae_fingerprint(self) -> str:
+        scale = self.model.config.autoencoder.scale_factor
+        return vae_fingerprint(self.model.autoencoder.state_dict(), scale)
+
+    def _text_fingerprint(self) -> str:
+        return text_fingerprint(self.model.text_encoder.state_dict())
+
+    def _check_source(
+        self, batch: dict[str, Any], field: str, what: str, ours: Callable[[], str]
+    ) -> None:
+        """Every sample's latents / embeddings were made by this run's frozen model."""
+        if field not in self._fingerprints:
+            self._fingerprints[field] = ours()  # hashing the weights: once per run
+        mine = self._fingerprints[field]
+        for key, theirs in zip(batch["key"], batch[field], strict=True):
+            if theirs != mine:
+                source = self.cfg.init_from or f"the seeded initialisation (seed {self.cfg.seed})"
+                raise DataError(
+                    f"latent shard sample {key} was made by the {what} {theirs}, but this run's "
+                    f"{what} (from {source}) is {mine}: encode the shards again with this run's "
+                    "config (sdtrain data encode SHARDS OUT --config ...), or train with the "
+                    "config they were made with"
+                )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.model.unet.parameters() if p.grad is not None]
