@@ -32,6 +32,8 @@ from sdtrain.errors import CheckpointError, ConfigError
 from sdtrain.utils import files
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_FEATURES = (64, 192, 768, 2048)
+"""torch-fidelity's feature layers (torchmetrics' ``feature=``); 2048 (pool3) is FID's."""
 DEFAULT_CLIP = "ViT-L-14"
 
 
@@ -55,6 +57,17 @@ class ExtractorConfig:
     antialias: bool = False
     """Resize to 299 px with antialiasing (torchmetrics' default) instead of TF1's bilinear
     (torch-fidelity, the original TTUR FID); see docs/evaluation.md."""
+    inception_features: int = 2048
+    """The Inception layer whose features are compared: 2048 (pool3, the published FID) or
+    torch-fidelity's earlier 64 / 192 / 768 (cheaper: the network stops there and the Frechet
+    distance works on a smaller covariance; figures are not comparable with 2048's)."""
+
+    def __post_init__(self) -> None:
+        if self.inception_features not in INCEPTION_FEATURES:
+            raise ConfigError(
+                f"--inception-features must be one of {', '.join(map(str, INCEPTION_FEATURES))}"
+                f", got {self.inception_features}"
+            )
 
     @property
     def random(self) -> bool:
@@ -62,14 +75,16 @@ class ExtractorConfig:
 
     def describe(self) -> str:
         """What the features are, for tables and plots."""
+        layer = "" if self.inception_features == 2048 else f", {self.inception_features}-d"
         if self.random:
-            return f"random features (seed {self.seed}; not FID)"
-        return f"InceptionV3 pt_inception-2015-12-05, CLIP {self.clip_model}"
+            return f"random features (seed {self.seed}{layer}; not FID)"
+        return f"InceptionV3 pt_inception-2015-12-05{layer}, CLIP {self.clip_model}"
 
     def inception_id(self) -> str:
         """Names the Inception features in cache keys: weights and resize."""
         weights = f"random-{self.seed}" if self.random else "pt_inception-2015-12-05"
-        return f"inception-v3:{weights}:antialias={self.antialias}"
+        layer = "" if self.inception_features == 2048 else f":{self.inception_features}"
+        return f"inception-v3:{weights}:antialias={self.antialias}{layer}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +103,7 @@ def _inception_class() -> type[nn.Module]:
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     class Inception(NoTrainInceptionV3):
-        """2048-d pool features of uint8 (B, 3, H, W) images."""
+        """Pool features (2048-d, or the chosen earlier layer) of uint8 (B, 3, H, W) images."""
 
         def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
             if isinstance(state_dict, _Seeded):
@@ -96,7 +111,7 @@ def _inception_class() -> type[nn.Module]:
             return super().load_state_dict(state_dict, strict=True, assign=assign)
 
         def forward(self, x: Tensor) -> Tensor:
-            return super().forward(x).reshape(x.shape[0], -1)  # (B, 2048)
+            return super().forward(x).reshape(x.shape[0], -1)  # (B, F)
 
     return Inception
 
@@ -140,8 +155,10 @@ def build_inception(cfg: ExtractorConfig) -> nn.Module:
 
     try:
         with mock.patch.object(fidelity, "load_state_dict_from_url", supply):
-            model = _inception_class()(name="inception-v3-compat", features_list=["2048"],
-                                       antialias=cfg.antialias)  # fmt: skip
+            model = _inception_class()(
+                name="inception-v3-compat", features_list=[str(cfg.inception_features)],
+                antialias=cfg.antialias,
+            )  # fmt: skip
     except RuntimeError as err:
         raise CheckpointError(
             f"does not hold InceptionV3 pt_inception-2015-12-05 weights ({_first_line(err)})",

@@ -1,7 +1,8 @@
 """The reference (real) images of an eval and their cached Inception features.
 
 A reference is a folder of image files (sorted by relative path, sub-folders included) or a
-shard spec (``data.shards``: the ``jpg`` / ``png`` / ``webp`` member of each sample, in order).
+shard spec (``data.shards``: the ``jpg`` / ``png`` / ``webp`` member of each sample, in order; a
+folder that holds ``.tar`` shards and no image files is a shard set).
 Images are centre-cropped square and resized to ``size`` (bicubic with antialiasing:
 ``utils.images.to_tensor``), the standard way, then quantised to uint8 as generated images are.
 Unreadable images are counted and skipped, images of another size than ``size`` are counted.
@@ -42,12 +43,21 @@ def default_cache_dir() -> Path:
 @dataclass
 class ReferenceFeatures:
     features: Tensor
-    """(N, 2048) Inception features of the readable images."""
+    """(N, F) Inception features of the readable images (F = 2048 unless chosen)."""
     unreadable: int
     resized: int
     """Images whose size was not ``size`` x ``size`` (cropped and resized)."""
     cached: bool
     key: str
+
+
+def _is_image_folder(path: Path) -> bool:
+    """A folder of image files, not a folder of shards (``*.tar`` and no image file)."""
+    if not path.is_dir():
+        return False
+    if any(path.glob("*.tar")):
+        return any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file())
+    return True
 
 
 def _folder_images(path: Path) -> list[Path]:
@@ -60,7 +70,7 @@ def _folder_images(path: Path) -> list[Path]:
 def _fingerprint(source: str) -> list[object]:
     """What the data is: (name, bytes, mtime) of every image file or shard."""
     path = Path(source)
-    if path.is_dir():
+    if _is_image_folder(path):
         listing = [(str(p.relative_to(path)), p) for p in _folder_images(path)]
     else:
         if (
@@ -81,7 +91,7 @@ def iter_reference_images(source: str, size: int, stats: dict[str, int]) -> Iter
     """uint8 (3, size, size) per readable image; counts ``unreadable`` and ``resized`` in
     ``stats``."""
     path = Path(source)
-    if path.is_dir():
+    if _is_image_folder(path):
         for file in _folder_images(path):
             image = _decode(file.read_bytes(), stats)
             if image is not None:

@@ -37,7 +37,9 @@ from sdtrain.evaluation.extractors import ClipModel, ExtractorConfig, build_clip
 from sdtrain.evaluation.metrics import clip_score, fid_from_features, kid_from_features
 from sdtrain.evaluation.prompts import load_prompts
 from sdtrain.evaluation.reference import ReferenceFeatures, default_cache_dir, reference_features
-from sdtrain.models.sampling import sample_images
+from sdtrain.models.conditioning import conditioning_component
+from sdtrain.models.config import ModelConfig
+from sdtrain.models.sampling import check_size, sample_images
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.utils import files
 from sdtrain.utils.images import image_grid, to_image
@@ -120,11 +122,36 @@ class Rank:
         return Rank(int(rank), int(world))
 
 
+ImagesHook = Callable[["EvalModel", float, int, Tensor, Sequence[str]], None]
+"""Sees each chunk generated in this call: (model, scale, chunk index, uint8 (b, 3, S, S) images,
+their prompts). Chunks read back from an earlier run are not shown again."""
+
+
 @dataclass
 class EvalResult:
     rows: list[dict[str, object]]
     reference: ReferenceFeatures | None
     out: Path
+
+
+def check_model(cfg: ModelConfig, what: str, size: int, steps: int) -> None:
+    """A ConfigError naming ``what`` (a file, a run) unless the model is one eval can measure:
+    text-to-image (prompts in, images out), ``size`` a valid sample size, ``steps`` at most its
+    diffusion timesteps."""
+    component = conditioning_component(cfg.conditioning)
+    if component.sample_inputs:
+        raise ConfigError(
+            f"{what} is {component.article()} {component.description} model "
+            f"(model.conditioning: {cfg.conditioning}, sampled from a prompt plus "
+            f"{' and '.join(component.sample_inputs)}): eval measures text-to-image checkpoints "
+            "(model.conditioning: txt2img), e.g. the base model it was trained from"
+        )
+    check_size(cfg, size, "--size")
+    if steps > cfg.diffusion.timesteps:
+        raise ConfigError(
+            f"--steps {steps} must be at most the {cfg.diffusion.timesteps} diffusion timesteps of "
+            f"{what} (model.diffusion.timesteps)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +231,7 @@ def _generate_chunk(
     clip = extractors.clip()
     scores = clip_score(clip.encode_images(pixels), clip.encode_texts(list(prompts))).cpu()
     tensors = {
-        "inception": extractors.inception(pixels),  # (b, 2048)
+        "inception": extractors.inception(pixels),  # (b, F)
         "clip_score": scores.float(),  # (b,)
         "seconds": torch.tensor([time.perf_counter() - start], dtype=torch.float64),
     }
@@ -218,7 +245,7 @@ def _write_grid(path: Path, pixels: Tensor) -> None:
 
 def generate(
     cfg: EvalConfig, models: Sequence[EvalModel], prompts: Sequence[str], out: Path,
-    extractors: _Extractors, device: torch.device, rank: Rank,
+    extractors: _Extractors, device: torch.device, rank: Rank, on_images: ImagesHook | None = None,
 ) -> None:  # fmt: skip
     """This rank's missing chunks of every checkpoint and scale."""
     n = len(prompts)
@@ -246,6 +273,8 @@ def generate(
                         grid.parent.mkdir(parents=True, exist_ok=True)
                         _write_grid(grid, pixels[: cfg.grid_images])
                     files.write_safetensors(chunk_path(folder, i), tensors)
+                    if on_images is not None:
+                        on_images(model_spec, scale, i, pixels, part)
                     bar.update(len(part))
         del model
 
@@ -301,8 +330,13 @@ def _digest(prompts: Sequence[str]) -> str:
 def evaluate(
     cfg: EvalConfig, models: Sequence[EvalModel], out: Path, *,
     device: torch.device | None = None, rank: Rank | None = None,
+    reference: ReferenceFeatures | None = None, on_images: ImagesHook | None = None,
 ) -> EvalResult:  # fmt: skip
-    """Generate what is missing, then (rank 0) compute one row per checkpoint and scale."""
+    """Generate what is missing, then (rank 0) compute one row per checkpoint and scale.
+
+    ``reference``: features computed earlier for this config (an eval during training passes
+    those of its first eval); None: from the cache or computed. ``on_images``: see
+    ``ImagesHook``."""
     rank = rank or Rank.from_env()
     device = device or _default_device(rank)
     prompts = load_prompts(cfg.prompts, cfg.num, cfg.seed, cfg.with_replacement).texts
@@ -310,14 +344,13 @@ def evaluate(
         raise ConfigError(f"--prompts {cfg.prompts} gives {len(prompts)} prompt; FID needs 2")
     _check_settings(cfg, out, prompts, rank)
     extractors = _Extractors(cfg.extractors, device)
-    reference = None
-    if rank.rank == 0:  # first: a bad reference fails before any sampling
+    if rank.rank == 0 and reference is None:  # first: a bad reference fails before any sampling
         cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         reference = reference_features(
             cfg.reference, cfg.size, cfg.reference_num, cfg.extractors.inception_id(),
             extractors.inception, cache, batch=cfg.batch,
         )  # fmt: skip
-    generate(cfg, models, prompts, out, extractors, device, rank)
+    generate(cfg, models, prompts, out, extractors, device, rank, on_images)
     if rank.rank != 0:
         return EvalResult([], None, out)
     _wait_for_chunks(cfg, models, len(prompts), out)

@@ -208,6 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     extractors = ExtractorConfig(
         inception_weights=args.inception_weights, clip_model=args.clip_model,
         clip_weights=args.clip_weights, seed=args.extractor_seed, antialias=args.fid_antialias,
+        inception_features=args.inception_features,
     )  # fmt: skip
     cfg = EvalConfig(
         prompts=args.prompts, reference=args.reference, scales=scales, sampler=args.sampler,
@@ -561,6 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--fid-antialias",
         action="store_true",
         help="antialiased resize to 299 px (torchmetrics' default) instead of TF1's",
+    )
+    ev.add_argument(
+        "--inception-features",
+        type=int,
+        default=2048,
+        choices=(64, 192, 768, 2048),
+        help="Inception layer compared: 2048 (FID as published, default) or a cheaper earlier one",
     )
     ev.add_argument("--cache-dir", default=None, help="reference-feature cache folder")
     ev.add_argument("--out", required=True, help="output folder (re-use it to continue)")

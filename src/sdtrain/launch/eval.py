@@ -8,8 +8,8 @@ from pathlib import Path
 
 from sdtrain.errors import ConfigError
 from sdtrain.evaluation.report import format_table, write_metrics
-from sdtrain.evaluation.run import EvalConfig, EvalModel, EvalResult, evaluate
-from sdtrain.launch.sample import check_inputs, open_source
+from sdtrain.evaluation.run import EvalConfig, EvalModel, EvalResult, check_model, evaluate
+from sdtrain.launch.sample import open_source
 from sdtrain.trainer.experiment import ExperimentConfig
 from sdtrain.utils import files
 
@@ -30,7 +30,7 @@ def run_eval(
     models = []
     for checkpoint in checkpoints:
         source = open_source(checkpoint, config, use_ema)
-        check_inputs(source.config.model, False, False, cfg.size, cfg.steps)
+        check_model(source.config.model, str(checkpoint), cfg.size, cfg.steps)
         step = f", step {source.global_step}" if source.global_step is not None else ""
         models.append(EvalModel(str(checkpoint), source.build, f"{source.weights} weights{step}"))
     result = evaluate(cfg, models, out)
