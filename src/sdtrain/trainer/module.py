@@ -26,6 +26,7 @@ from sdtrain.models.autoencoder import DiagonalGaussian
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.ema import EMA
 from sdtrain.trainer.experiment import ExperimentConfig
+from sdtrain.trainer.prior import DreamBooth
 
 log = logging.getLogger("sdtrain.trainer")
 UNET_PREFIX = "model.unet."
@@ -65,6 +66,8 @@ class LatentDiffusionModule(pl.LightningModule):
         """This run's VAE / text encoder fingerprints, against latent shards (``data.latents``)."""
         self._empty_context: torch.Tensor | None = None
         """The empty prompt's text context, for caption dropout with cached embeddings."""
+        self.dreambooth: DreamBooth | None = None
+        """Instance prompt and class images (``dreambooth:`` / ``prior:``), set by ``fit``."""
 
     # --- data -------------------------------------------------------------------------------
 
@@ -98,6 +101,14 @@ class LatentDiffusionModule(pl.LightningModule):
         optim = self.cfg.optim
         return optim.lr * (self.global_batch_size() if optim.scale_lr else 1)
 
+    def on_fit_start(self) -> None:
+        """DreamBooth: the class images are generated (by the model as it is before training)
+        and read before the first batch."""
+        if self.dreambooth is not None:
+            strategy = self.trainer.strategy
+            self.dreambooth.prepare(self.model, self.global_rank, self.trainer.world_size,
+                                    strategy.barrier)  # fmt: skip
+
     def on_train_start(self) -> None:
         """After a resume, the LR follows the current config (a new stage may change it); the
         optimiser state, weights and EMA are kept."""
@@ -124,19 +135,27 @@ class LatentDiffusionModule(pl.LightningModule):
         g = step_generator(
             self.cfg.seed, self.global_step, self.global_rank, self._micro, self.device
         )
-        self._micro = (self._micro + 1) % self.cfg.trainer.accumulate_grad_batches
+        micro, accumulate = self._micro, self.cfg.trainer.accumulate_grad_batches
+        self._micro = (self._micro + 1) % accumulate
         if self._micro == 0 and data_state is not None:
             # Checkpoints fall between optimiser steps, after the step's last micro-batch.
             self.data_states[self.global_rank] = data_state
-        loss = self.diffusion_loss(batch, g)
+        split = None
+        if self.dreambooth is not None:  # instance prompt; class images appended
+            batch, split = self.dreambooth.mix(batch, self.global_step, micro, accumulate)
+        loss = self.diffusion_loss(batch, g, split)
         if not torch.isfinite(loss):
             self._count_nonfinite("loss")
             return None
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=len(batch["caption"]))
         return loss
 
-    def diffusion_loss(self, batch: dict[str, Any], g: torch.Generator) -> torch.Tensor:
-        """The training loss of one batch, every random draw taken from ``g``."""
+    def diffusion_loss(
+        self, batch: dict[str, Any], g: torch.Generator, split: int | None = None
+    ) -> torch.Tensor:
+        """The training loss of one batch, every random draw taken from ``g``; with ``split``
+        (prior preservation) the samples from ``split`` on are class images: instance loss +
+        ``prior.loss_weight`` x their loss."""
         model, cfg = self.model, self.cfg
         images, latents = self.encode_images(batch, g)  # (B, 3, H, W) or None; (B, 4, h, w)
         b = latents.shape[0]
@@ -151,9 +170,14 @@ class LatentDiffusionModule(pl.LightningModule):
         if cfg.trainer.channels_last:
             unet_in = unet_in.contiguous(memory_format=torch.channels_last)
         prediction = model.unet(unet_in, t, context, **cond.kwargs)
-        return diffusion_loss(
-            model.schedule, prediction, model.schedule.target(latents, t, noise), t
-        )
+        target = model.schedule.target(latents, t, noise)
+        if split is None:
+            return diffusion_loss(model.schedule, prediction, target, t)
+        own = diffusion_loss(model.schedule, prediction[:split], target[:split], t[:split])
+        prior = diffusion_loss(model.schedule, prediction[split:], target[split:], t[split:])
+        self.log("train/instance_loss", own, on_step=True, batch_size=split)
+        self.log("train/prior_loss", prior, on_step=True, batch_size=b - split)
+        return own + cfg.prior.loss_weight * prior
 
     # --- encode: images (or their stored posterior) and captions -----------------------------
 
