@@ -47,6 +47,8 @@ class DataStats:
     ``bad_depth``, ``shard_unreadable``, ``shard_truncated``)."""
     recent_errors: list[str] = field(default_factory=list)
     """The last few errors as ``kind: shard/key: reason`` for logs."""
+    buckets: Counter = field(default_factory=Counter)
+    """With ``data.buckets``: samples delivered per bucket (``WxH`` -> count)."""
 
     def reject(self, reason: str, missing: bool = False) -> None:
         self.rejected[reason] += 1
@@ -71,6 +73,7 @@ class DataStats:
             missing=self.missing + other.missing,
             errors=self.errors + other.errors,
             recent_errors=(self.recent_errors + other.recent_errors)[-_RECENT_ERRORS:],
+            buckets=self.buckets + other.buckets,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +85,8 @@ class DataStats:
             "missing": dict(sorted(self.missing.items())),
             "errors": dict(sorted(self.errors.items())),
             "recent_errors": list(self.recent_errors),
+            # only with buckets, so that the counters of runs without them read as before
+            **({"buckets": dict(sorted(self.buckets.items()))} if self.buckets else {}),
         }
 
     @classmethod
@@ -93,6 +98,7 @@ class DataStats:
             missing=Counter(data.get("missing", {})),
             errors=Counter(data.get("errors", {})),
             recent_errors=list(data.get("recent_errors", [])),
+            buckets=Counter(data.get("buckets", {})),
         )
 
 
@@ -202,6 +208,9 @@ def _advice(reason: str, missing: int, count: int, cfg: DataConfig) -> str:
             "blocklist": "caption holds a word of data.filters.blocklist",
             "depth": f"no depth member ({'/'.join(cfg.depth.keys)}): use shards with depth "
             "maps, or set data.depth.missing=keep to train on zero maps",
+            "upscale": "would be enlarged more than data.buckets.max_upscale="
+            f"{cfg.buckets.max_upscale:g} to cover its bucket: raise it, or use buckets "
+            "nearer the images' sizes",
         }
         if reason in fixed:
             notes.append(fixed[reason])

@@ -190,14 +190,19 @@ def random_scene(rng: np.random.Generator, pair_p: float = 0.3) -> Scene:
     return Scene((a, b), caption)
 
 
-def draw_scene(scene: Scene, side: int, supersample: int = 4) -> Image.Image:
-    """The scene as an RGB image ``side`` pixels square (drawn larger, then downsampled, for
-    smooth edges)."""
-    big = side * supersample
-    image = Image.new("RGB", (big, big), (255, 255, 255))
+def draw_scene(
+    scene: Scene, side: int, supersample: int = 4, height: int | None = None
+) -> Image.Image:
+    """The scene as an RGB image ``side`` pixels square, or ``side`` wide and ``height`` high
+    (x and y are fractions of the width and height, radii of the shorter side); drawn larger,
+    then downsampled, for smooth edges."""
+    height = side if height is None else height
+    big_w, big_h = side * supersample, height * supersample
+    big = min(big_w, big_h)
+    image = Image.new("RGB", (big_w, big_h), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     for shape in scene.shapes:
-        x, y, r = shape.x * big, shape.y * big, shape.radius * big
+        x, y, r = shape.x * big_w, shape.y * big_h, shape.radius * big
         fill = SCENE_COLOURS[shape.colour]
         if shape.kind == "circle":
             draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
@@ -207,7 +212,7 @@ def draw_scene(scene: Scene, side: int, supersample: int = 4) -> Image.Image:
         else:
             draw.polygon([(x, y - r), (x + r * 0.95, y + r * 0.8), (x - r * 0.95, y + r * 0.8)],
                          fill=fill)  # fmt: skip
-    return image.resize((side, side), Image.LANCZOS)
+    return image.resize((side, height), Image.LANCZOS)
 
 
 @dataclass
@@ -222,6 +227,10 @@ class SceneSpec:
     """Side of the too-small images the size filter must drop."""
     pair_p: float = 0.3
     """Share of two-shape scenes."""
+    aspect_ratios: list[float] = dataclasses.field(default_factory=list)
+    """Width / height of each image, drawn uniformly from this list (about ``side``^2 pixels,
+    sides multiples of 8: 2.0 at side 64 is 88x48); empty (default): ``side`` square. For
+    aspect-ratio buckets (``data.buckets``)."""
     reject_fraction: float = 0.16
     """Share of samples the default filters drop: low aesthetic score, high pwatermark, high
     punsafe or too small, in equal parts."""
@@ -255,20 +264,26 @@ def scene_sample(rng: np.random.Generator, index: int, spec: SceneSpec) -> dict:
         reason = REJECT_REASONS[int(rng.integers(len(REJECT_REASONS)))]
     if reason == "size":
         side = spec.small_side
-    image = draw_scene(scene, side)
+    width = height = side
+    if spec.aspect_ratios:  # drawn only then: square sets keep their random stream
+        ratio = spec.aspect_ratios[int(rng.integers(len(spec.aspect_ratios)))]
+        if reason != "size":
+            width = max(8, round(side * ratio**0.5 / 8) * 8)
+            height = max(8, round(side / ratio**0.5 / 8) * 8)
+    image = draw_scene(scene, width, height=height)
     if reason == "aesthetic":
         meta["AESTHETIC_SCORE"] = round(float(rng.uniform(2.5, 4.5)), 3)
-        noise = rng.normal(0, 40, (side, side, 3))
+        noise = rng.normal(0, 40, (height, width, 3))
         muddy = np.asarray(image, dtype=np.float64) * 0.6 + 50 + noise
         image = Image.fromarray(np.clip(muddy, 0, 255).astype(np.uint8))
     elif reason == "watermark":
         meta["pwatermark"] = round(float(rng.uniform(0.6, 0.95)), 3)
         draw = ImageDraw.Draw(image)
-        for offset in range(-side, side, 8):
-            draw.line((offset, side, offset + side, 0), fill=(128, 128, 128), width=2)
+        for offset in range(-height, width, 8):
+            draw.line((offset, height, offset + height, 0), fill=(128, 128, 128), width=2)
     elif reason == "unsafe":
         meta["punsafe"] = round(float(rng.uniform(0.3, 0.9)), 3)
-    meta.update(width=side, height=side, original_width=side, original_height=side)
+    meta.update(width=width, height=height, original_width=width, original_height=height)
     data = jpeg_bytes(image, quality=95)
     if rng.random() < spec.corrupt_fraction:
         data = data[: len(data) // 3]

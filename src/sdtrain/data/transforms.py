@@ -206,6 +206,21 @@ def decode_image(data: bytes, out_h: int, out_w: int) -> tuple[np.ndarray, tuple
     return (array if array.flags.writeable else array.copy()), decoded.original_size
 
 
+def image_size(data: bytes) -> tuple[int, int]:
+    """The upright (width, height) of encoded image bytes from their header (no pixel decode:
+    the size a bucket is chosen by when the json has none); ``ImageDecodeError`` otherwise."""
+    if not data:
+        raise ImageDecodeError("empty image data (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+        w, h = image.size
+        # A JPEG's EXIF is parsed at open; a PNG's eXIf chunk may follow the pixels (not seen).
+        swap = _ORIENTATIONS[_orientation(image)].swap
+    except Exception as exc:  # as in _decode: a property of the bytes
+        raise ImageDecodeError(f"cannot read image size: {type(exc).__name__}: {exc}") from exc
+    return (h, w) if swap else (w, h)
+
+
 # ---------------------------------------------------------------------------------------------
 # Geometry
 # ---------------------------------------------------------------------------------------------
@@ -323,10 +338,14 @@ def apply_geometry(
 
 
 def load_image(
-    data: bytes, cfg: ImageConfig, rng: np.random.Generator
+    data: bytes,
+    cfg: ImageConfig,
+    rng: np.random.Generator,
+    size: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, CropInfo]:
-    """Encoded image -> contiguous uint8 (3, cfg.height, cfg.out_width) tensor and its crop."""
-    out_h, out_w = cfg.height, cfg.out_width
+    """Encoded image -> contiguous uint8 (3, out_h, out_w) tensor and its crop; ``size`` is
+    (out_h, out_w) (an aspect-ratio bucket), default (cfg.height, cfg.out_width)."""
+    out_h, out_w = size if size is not None else (cfg.height, cfg.out_width)
     decoded = _decode(data, out_h, out_w, upright=False)
     src_w, src_h = decoded.original_size
     info = plan_crop(src_h, src_w, out_h, out_w, cfg.crop, cfg.flip_p, rng)
