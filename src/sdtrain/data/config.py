@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sdtrain.data.buckets import BucketConfig, BucketSet
 from sdtrain.errors import ConfigError
 from sdtrain.utils.checks import require_finite, require_range
 
@@ -181,6 +182,8 @@ class DataConfig:
     """Inpainting masks."""
     depth: DepthConfig = field(default_factory=DepthConfig)
     """Depth maps."""
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    """Aspect-ratio buckets (``data/buckets.py``): off by default (one output size)."""
     latents: bool = False
     """Read latent shards written by ``sdtrain data encode`` (``data/latents.py``): the stored VAE
     posterior replaces the image, so training skips the VAE encoder; the crops are the ones the
@@ -213,4 +216,5 @@ class DataConfig:
         if self.text_embeddings and not self.latents:
             raise ConfigError("needs data.latents: true (latent shards)", key="text_embeddings")
         require_range(self, "seed", low=0, high=2**32 - 1)
-        require_range(self, "seed", low=0, high=2**32 - 1)
+        if self.buckets.enabled:  # an empty generated set is a config error
+            BucketSet(self.buckets, self.image.height, self.image.out_width)

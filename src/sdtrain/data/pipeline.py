@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from sdtrain.data.buckets import UPSCALE_REASON, Bucket, BucketBatcher, BucketSet, fingerprint_part
 from sdtrain.data.config import DataConfig
 from sdtrain.data.filters import DataStats, MetadataFilter, explain_rejections
 from sdtrain.data.latents import LatentDecodeError, latent_sample
-from sdtrain.data.masks import build_mask_generator
+from sdtrain.data.masks import MaskGenerator, build_mask_generator
 from sdtrain.data.shards import (
     DataError,
     RawSample,
@@ -45,6 +46,7 @@ from sdtrain.data.shards import (
 from sdtrain.data.transforms import (
     CropInfo,
     ImageDecodeError,
+    image_size,
     load_depth,
     load_image,
     normalize_caption,
@@ -56,7 +58,7 @@ log = logging.getLogger("sdtrain.data")
 
 STATE_KEY = "__state__"
 ERROR_KEY = "__error__"
-DRAW_TIME_REASONS = ("depth",)
+DRAW_TIME_REASONS = ("depth", UPSCALE_REASON)
 """Rejections decided after the shuffle buffer (when the sample is decoded), not by metadata."""
 END_KEY = "__end__"
 LOADER_STATE_KEY = "__loader_state__"
@@ -116,6 +118,9 @@ class ShardPlan:
         text = json.dumps(
             [self.urls, self.world_size, self.workers, c.seed, c.shuffle_shards, c.resampled,
              c.shuffle_buffer, c.batch_size, dataclasses.asdict(c.filters)]
+            # only when on, so that runs without buckets keep their fingerprints
+            + ([fingerprint_part(c.buckets, c.image.height, c.image.out_width)]
+               if c.buckets.enabled else [])
         )  # fmt: skip
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -138,6 +143,8 @@ class WorkerPosition:
     """The samples in the shuffle buffer, in buffer order."""
     rng: dict[str, Any] | None = None
     """State of the shuffle generator (None: fresh)."""
+    buckets: list[SampleRef] = field(default_factory=list)
+    """The samples held in the per-bucket buffers (``data.buckets``), in arrival order."""
     stats: dict[str, Any] = field(default_factory=dict)
     """``DataStats.to_dict()`` of this worker so far."""
 
@@ -151,11 +158,18 @@ class WorkerPosition:
             "buffer": list(self.buffer),
             "rng": self.rng,
             "stats": self.stats,
+            "buckets": list(self.buckets),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WorkerPosition:
-        return cls(**{**data, "buffer": [tuple(ref) for ref in data.get("buffer", [])]})
+        return cls(
+            **{
+                **data,
+                "buffer": [tuple(ref) for ref in data.get("buffer", [])],
+                "buckets": [tuple(ref) for ref in data.get("buckets", [])],
+            }
+        )
 
 
 class _Stopped(Exception):
@@ -207,11 +221,13 @@ class WorkerStream:
         if position.rng is not None:
             self.rng.bit_generator.state = position.rng
         image = cfg.image
-        self.masks = (
-            build_mask_generator(cfg.masks, image.height, image.out_width)
-            if cfg.masks.enabled
-            else None
-        )
+        self.size = (image.height, image.out_width)
+        """(h, w) of every sample without buckets."""
+        self.buckets = BucketSet(cfg.buckets, *self.size) if cfg.buckets.enabled else None
+        self.batcher: BucketBatcher[dict[str, Any]] = BucketBatcher(cfg.batch_size)
+        self._masks: dict[tuple[int, int], MaskGenerator] = {}
+        self.masks = self._mask_generator(self.size) if cfg.masks.enabled else None
+        """The mask generator at ``self.size`` (buckets: one per bucket, ``_mask_generator``)."""
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -340,8 +356,32 @@ class WorkerStream:
 
     def _restore_buffer(self) -> list[_Pending]:
         """Re-read the samples the saved buffer held, from the shards they came from."""
+        restored = self._reread(self.pos.buffer, "shuffle buffer")
+        self.pos.buffer = [p.ref for p in restored]
+        return restored
+
+    def _restore_buckets(self) -> Iterator[list[dict[str, Any]]]:
+        """Re-read and re-prepare the samples the saved bucket buffers held (their crops and
+        masks are seeded per sample, so they come back as they were); full buckets (a changed
+        setup) come out at once."""
+        restored = self._reread(self.pos.buckets, "bucket buffers")
+        self.pos.buckets = []
+        saved = self.stats
+        self.stats = DataStats()  # counted when they were first prepared
+        try:
+            prepared = [(p, self._prepare(p)) for p in restored]
+        finally:
+            self.stats = saved
+        for pending, sample in prepared:
+            if sample is not None:
+                full = self._add_to_bucket(pending, sample)
+                if full is not None:
+                    yield full
+
+    def _reread(self, refs: list[SampleRef], what: str) -> list[_Pending]:
+        """The samples ``refs`` (of a saved position), read again from their shards."""
         wanted: dict[tuple[int, int], set[int]] = {}
-        for epoch, shard_pos, index in self.pos.buffer:
+        for epoch, shard_pos, index in refs:
             wanted.setdefault((epoch, shard_pos), set()).add(index)
         found: dict[SampleRef, _Pending] = {}
         for (epoch, shard_pos), indices in wanted.items():
@@ -355,23 +395,25 @@ class WorkerStream:
                         ref = (epoch, shard_pos, raw.index)
                         caption = self._parse_quietly(raw, url)
                         found[ref] = _Pending(ref, url_index, raw, caption)
-                        if len(found) == len(self.pos.buffer):
+                        if len(found) == len(refs):
                             break
             except ShardReadError as err:
                 self._shard_error(url, err)
-        missing = [ref for ref in self.pos.buffer if ref not in found]
+        missing = [ref for ref in refs if ref not in found]
         if missing:
-            self._changed_shards(missing)
-        return [found[ref] for ref in self.pos.buffer if ref in found]
+            self._changed_shards(missing, len(refs), what)
+        return [found[ref] for ref in refs if ref in found]
 
-    def _changed_shards(self, missing: list[SampleRef]) -> None:
+    def _changed_shards(
+        self, missing: list[SampleRef], saved: int, what: str = "shuffle buffer"
+    ) -> None:
         """Samples of the saved buffer that are gone from their shards: an error, or with
         ``data.on_changed_shards=skip`` dropped from the buffer (the rest resumes as saved)."""
         shards = sorted(
             {shard_name(self.plan.urls[self._shards(epoch)[pos]]) for epoch, pos, _ in missing}
         )
         what = (
-            f"{len(missing)} of the {len(self.pos.buffer)} samples in the saved shuffle buffer "
+            f"{len(missing)} of the {saved} samples in the saved {what} "
             f"of worker {self.worker} of rank {self.plan.rank} are no longer in their shards "
             f"({', '.join(shards[:3])}{' ...' if len(shards) > 3 else ''}): the shards changed "
             "since the checkpoint"
@@ -382,8 +424,6 @@ class WorkerStream:
                 "to drop those samples and carry on."
             )
         log.warning("%s; dropped them (data.on_changed_shards=skip) and carrying on", what)
-        gone = set(missing)
-        self.pos.buffer = [ref for ref in self.pos.buffer if ref not in gone]
 
     def _parse_quietly(self, raw: RawSample, url: str) -> str:
         """Caption of a sample that passed the filters before; counted already, so not again."""
@@ -432,7 +472,11 @@ class WorkerStream:
             return None
         rng = self._sample_rng(pending)
         try:
-            image, info = load_image(data, self.cfg.image, rng)
+            size = self.size if self.buckets is None else self._bucket_size(raw, data)
+            if size is None:
+                self.stats.reject(UPSCALE_REASON)
+                return None
+            image, info = load_image(data, self.cfg.image, rng, size)
         except ImageDecodeError as err:
             self._error("bad_image", where, str(err))
             return None
@@ -443,11 +487,13 @@ class WorkerStream:
             "original_size": torch.tensor(info.original_size),  # (h, w)
             "crop_top_left": torch.tensor(info.crop_top_left),  # (top, left)
         }
-        if self.masks is not None:
-            mask = self.masks(rng).mask
+        if self.buckets is not None:
+            sample["bucket_size"] = torch.tensor(size)  # (h, w)
+        if self.cfg.masks.enabled:
+            mask = self._mask_generator(size)(rng).mask
             sample["mask"] = torch.from_numpy(mask)[None]  # (1, H, W) uint8 {0, 1}
         if self.cfg.depth.enabled:
-            depth = self._depth(raw, info, where)
+            depth = self._depth(raw, info, where, size)
             if depth is None:
                 return None
             sample["depth"] = depth
@@ -467,17 +513,48 @@ class WorkerStream:
             sample["mask"] = torch.from_numpy(self.masks(rng).mask)[None]  # (1, H, W) uint8
         return sample
 
-    def _depth(self, raw: RawSample, info: CropInfo, where: str) -> torch.Tensor | None:
+    def _bucket_size(self, raw: RawSample, data: bytes) -> tuple[int, int] | None:
+        """(h, w) of the sample's bucket, from the json's width / height when present (no
+        decode), else the image header; None when it needs more than ``max_upscale``."""
+        assert self.buckets is not None
+        width = height = None
+        if "json" in raw.members:
+            meta = json.loads(raw.members["json"])  # parsed (and checked) by the filters before
+            width, height = meta.get("width"), meta.get("height")
+        if not (_positive(width) and _positive(height)):
+            width, height = image_size(data)
+        bucket = self.buckets.place(width, height)
+        return None if bucket is None else (bucket.height, bucket.width)
+
+    def _mask_generator(self, size: tuple[int, int]) -> MaskGenerator:
+        """The mask generator of one output size (h, w), built once."""
+        generator = self._masks.get(size)
+        if generator is None:
+            generator = self._masks[size] = build_mask_generator(self.cfg.masks, *size)
+        return generator
+
+    def _add_to_bucket(
+        self, pending: _Pending, sample: dict[str, Any]
+    ) -> list[dict[str, Any]] | None:
+        """Hold a prepared sample in its bucket's buffer; the bucket's batch once it is full."""
+        h, w = (int(x) for x in sample["bucket_size"])
+        full = self.batcher.add(Bucket(w, h), pending.ref, sample)
+        self.pos.buckets = list(self.batcher.refs())
+        return full
+
+    def _depth(
+        self, raw: RawSample, info: CropInfo, where: str, size: tuple[int, int] | None = None
+    ) -> torch.Tensor | None:
         cfg = self.cfg.depth
+        size = size or self.size
         suffix = next((k for k in cfg.keys if k in raw.members), None)
         if suffix is None:
             if cfg.missing == "reject":
                 self.stats.reject("depth", missing=True)
                 return None
-            return torch.zeros(1, self.cfg.image.height, self.cfg.image.out_width)
+            return torch.zeros(1, *size)
         try:
-            image = self.cfg.image
-            return load_depth(raw.members[suffix], suffix, info, image.height, image.out_width)
+            return load_depth(raw.members[suffix], suffix, info, *size)
         except ImageDecodeError as err:
             self._error("bad_depth", where, str(err))
             return None
@@ -495,6 +572,9 @@ class WorkerStream:
 
     def batches(self) -> Iterator[dict[str, Any]]:
         """Collated batches, each with this worker's position after it under ``__state__``."""
+        if self.buckets is not None:
+            yield from self._bucket_batches()
+            return
         batch: list[dict[str, Any]] = []
         for _, sample in self.samples():
             batch.append(sample)
@@ -503,6 +583,29 @@ class WorkerStream:
                 batch = []
         if batch:
             yield self._collate(batch)
+
+    def _bucket_batches(self) -> Iterator[dict[str, Any]]:
+        """``batches`` with buckets: a batch leaves when its bucket's buffer is full; at the end
+        of a pass (epoch mode) the partly filled buffers leave too."""
+        for full in self._restore_buckets():
+            yield self._emit(full)
+        for pending in self._shuffled():
+            sample = self._prepare(pending)
+            self._count_drawn(pending, usable=sample is not None)
+            if sample is not None:
+                full = self._add_to_bucket(pending, sample)
+                if full is not None:
+                    yield self._emit(full)
+        for rest in self.batcher.drain():
+            self.pos.buckets = list(self.batcher.refs())
+            yield self._emit(rest)
+
+    def _emit(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        self.stats.kept += len(samples)
+        for sample in samples:
+            h, w = (int(x) for x in sample["bucket_size"])
+            self.stats.buckets[Bucket(w, h).name] += 1
+        return self._collate(samples)
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         out = default_collate(samples)
@@ -540,6 +643,10 @@ class WorkerStream:
                 + "; ".join(stats.recent_errors[-3:])
                 + ". Check the shards and the storage mount, or raise data.max_error_rate."
             )
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -636,7 +743,8 @@ class LaionLoader:
 
     Each batch is a dict: ``image`` (B, 3, H, W) uint8, ``caption`` list[str], ``key``,
     ``original_size`` (B, 2), ``crop_top_left`` (B, 2), and ``mask`` (B, 1, H, W) uint8 for
-    inpainting, ``depth`` (B, 1, H, W) float in [-1, 1] for depth models.
+    inpainting, ``depth`` (B, 1, H, W) float in [-1, 1] for depth models; with ``data.buckets``
+    ``bucket_size`` (B, 2) as (h, w), one bucket per batch (H, W vary between batches).
     """
 
     def __init__(
@@ -663,7 +771,9 @@ class LaionLoader:
         # Epoch mode, resumed mid-pass: the workers done before the checkpoint stay done until
         # the next iteration, as they would have without the interruption.
         started = [p for w, p in self.positions.items() if w not in finished]
-        resumed_mid_pass = any(p.buffer or p.shard_pos or p.sample_pos for p in started)
+        resumed_mid_pass = any(
+            p.buffer or p.buckets or p.shard_pos or p.sample_pos for p in started
+        )
         workers = self.plan.workers if self.cfg.num_workers else 0
         control = WorkerControl() if workers else None
         dataset = LaionDataset(
@@ -718,7 +828,7 @@ class LaionLoader:
         done = set()
         for worker, position in self.positions.items():
             shards = self.plan.worker_shards(position.epoch, worker)
-            if not position.buffer and position.shard_pos >= len(shards):
+            if not position.buffer and not position.buckets and position.shard_pos >= len(shards):
                 done.add(worker)
         return frozenset(done)
 

@@ -232,6 +232,12 @@ def collect_stats(cfg: DataConfig, workers: int = 0) -> Any:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
+    if args.buckets:
+        try:
+            buckets = dataclasses.replace(cfg.buckets, enabled=True)
+            cfg = dataclasses.replace(cfg, buckets=buckets)
+        except ConfigError as err:
+            raise err.at("data") from None
     stats = collect_stats(cfg, _workers(cfg, args.workers))
     if args.json:
         print(json.dumps(stats.to_dict()))
@@ -248,7 +254,26 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print("last errors:")
         for line in stats.recent_errors[-5:]:
             print(f"  {line}")
+    if args.buckets:
+        print_bucket_stats(cfg, stats)
     return 0
+
+
+def print_bucket_stats(cfg: DataConfig, stats: Any) -> None:
+    """How the kept samples fall into the buckets of ``cfg.buckets`` and the share dropped for
+    needing more than ``max_upscale``."""
+    from sdtrain.data.buckets import UPSCALE_REASON, BucketSet
+
+    kept = sum(stats.buckets.values())
+    dropped = stats.rejected.get(UPSCALE_REASON, 0)
+    placed = kept + dropped
+    print(f"buckets:  {kept} sample(s) in batches (W x H, width / height, count, share)")
+    for bucket in BucketSet(cfg.buckets, cfg.image.height, cfg.image.out_width).buckets:
+        count = stats.buckets.get(bucket.name, 0)
+        share = f"{count / kept:.1%}" if kept else "-"
+        print(f"  {bucket.name:>11} {bucket.ratio:5.2f} {count:8d} {share:>6}")
+    share = f" ({dropped / placed:.1%} of {placed} assigned to a bucket)" if placed else ""
+    print(f"dropped:  {dropped} needing more than {cfg.buckets.max_upscale:g}x upscale{share}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,7 +573,13 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
         "--json",
         action="store_true",
         help="print one JSON object {seen, kept, rejected: {reason: n}, errors: {kind: n}, "
-        "recent_errors} on stdout",
+        "recent_errors} on stdout (with --buckets also buckets: {WxH: n})",
+    )
+    stats.add_argument(
+        "--buckets",
+        action="store_true",
+        help="with aspect-ratio buckets (data.buckets.*, switched on): samples per bucket and "
+        "the share dropped for needing more than data.buckets.max_upscale",
     )
     stats.set_defaults(func=cmd_stats)
 
