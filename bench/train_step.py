@@ -1,15 +1,20 @@
-"""Benchmark the training step as ``sdtrain fit`` runs it, and the UNet-only part of it.
+"""Benchmark the training step as ``sdtrain fit`` runs it, on cached latents, and the UNet-only
+part of it.
 
-Two steps are timed for each model and image size:
+Three steps are timed for each model and image size:
 
 - **full**: ``LatentDiffusionModule.diffusion_loss`` on a uint8 image batch already on the device
   (VAE encode, tokenise + text encode, noise, UNet forward) + backward + AdamW step + EMA update;
+- **latents**: the same ``diffusion_loss`` on the batch as latent shards (``sdtrain data encode
+  --text``, ``data.latents: true``, ``data.text_embeddings: true``) deliver it: the posterior
+  moments (float16) and caption embeddings of the same images and captions; the latents are
+  sampled from the moments, inpainting still encodes its masked image;
 - **unet**: the same UNet forward + loss + backward + AdamW step + EMA update on latents, timesteps
-  and text context computed once beforehand (what training on precomputed latents would cost).
+  and text context computed once beforehand (the floor any caching can reach).
 
-The two are timed interleaved (full, unet, full, ...) after warm-up rounds, so that a shared
-machine slows both alike. Reported per step: the median wall time, images/s, peak device memory
-(CUDA only), model FLOPs counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
+The three are timed interleaved (full, latents, unet, full, ...) after warm-up rounds, so that a
+shared machine slows them alike. Reported per step: the median wall time, images/s, peak device
+memory (CUDA only), model FLOPs counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
 convolutions, attention; with gradient checkpointing off, so recomputation is not counted), the
 achieved FLOP/s and its ratio to a matmul rate measured in the same run (bf16 on CUDA: the MFU;
 float32 on CPU).
@@ -54,6 +59,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sdtrain.data.latents import text_fingerprint, vae_fingerprint
 from sdtrain.data.transforms import to_model_images
 from sdtrain.diffusion.loss import diffusion_loss
 from sdtrain.models.lora import add_adapter
@@ -66,7 +72,7 @@ from sdtrain.utils.threads import torch_threads
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS = REPO_ROOT / "configs" / "models"
 DEFAULT_DOCS = REPO_ROOT / "docs" / "benchmarks.md"
-STEPS = ("full", "unet")
+STEPS = ("full", "latents", "unet")
 
 # ---------------------------------------------------------------------------------------------
 # Presets
@@ -260,6 +266,9 @@ class TrainStep:
         self.batch = make_batch(cfg, pixels, device)
         self.step_index = 0
         self.unet_inputs = self._precompute()
+        data = replace(cfg.data, latents=True, text_embeddings=True)
+        self.latents_cfg = replace(cfg, data=data)
+        self.latent_batch = self._latent_batch()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -284,6 +293,40 @@ class TrainStep:
         target = model.schedule.target(latents.float(), t, noise)
         return unet_in.float(), t, context.float(), target
 
+    @torch.no_grad()
+    def _latent_batch(self) -> dict[str, Any]:
+        """The batch as latent shards deliver it: the posterior moments (float16) and caption
+        embeddings of the same images and captions, the crop and mask where the mode needs them;
+        the empty prompt's embedding computed here, once, as training does on its first step."""
+        model, b = self.module.model, len(self.batch["caption"])
+        with self.autocast():
+            posterior = model.autoencoder.encode(to_model_images(self.batch["image"]))
+            context = model.text_encoder.encode(self.batch["caption"])  # (B, 77, D)
+        scale = self.module.cfg.model.autoencoder.scale_factor
+        batch: dict[str, Any] = {
+            "moments": torch.cat([posterior.mean, posterior.logvar], 1).to(torch.float16),
+            "text_embedding": context.to(torch.float16),
+            "caption": self.batch["caption"],
+            "key": [f"{i:09d}" for i in range(b)],
+            "latent_vae": [vae_fingerprint(model.autoencoder.state_dict(), scale)] * b,
+            "latent_text": [text_fingerprint(model.text_encoder.state_dict())] * b,
+        }
+        if model.conditioning.needs_pixels(self.module.cfg.model.depth):
+            batch["image"] = self.batch["image"]
+        batch.update({k: self.batch[k] for k in ("mask", "depth") if k in self.batch})
+        with self._latents_config():
+            self.module.encode_text(batch, torch.zeros(b, dtype=torch.bool, device=self.device))
+        return batch
+
+    @contextlib.contextmanager
+    def _latents_config(self) -> Iterator[None]:
+        """The module as ``data.latents`` + ``data.text_embeddings`` training runs it."""
+        cfg, self.module.cfg = self.module.cfg, self.latents_cfg
+        try:
+            yield
+        finally:
+            self.module.cfg = cfg
+
     def _finish(self, loss: torch.Tensor) -> None:
         loss.backward()
         self.optimizer.step()
@@ -296,6 +339,12 @@ class TrainStep:
             loss = self.module.diffusion_loss(self.batch, self._generator())
         self._finish(loss)
 
+    def step_latents(self) -> None:
+        """The training step on cached latents and caption embeddings (``data.latents``)."""
+        with self._latents_config(), self.autocast():
+            loss = self.module.diffusion_loss(self.latent_batch, self._generator())
+        self._finish(loss)
+
     def step_unet(self) -> None:
         """The same step on precomputed UNet inputs and context."""
         unet_in, t, context, target = self.unet_inputs
@@ -304,8 +353,8 @@ class TrainStep:
         self._finish(diffusion_loss(self.module.model.schedule, prediction, target, t))
 
     def step(self, name: str) -> Callable[[], None]:
-        """``step_full`` or ``step_unet`` by its name in STEPS."""
-        return {"full": self.step_full, "unet": self.step_unet}[name]
+        """``step_full``, ``step_latents`` or ``step_unet`` by its name in STEPS."""
+        return {"full": self.step_full, "latents": self.step_latents, "unet": self.step_unet}[name]
 
     def flops(self) -> dict[str, int]:
         """Model FLOPs of each step, counted with gradient checkpointing off."""
@@ -541,7 +590,7 @@ class Report:
             f"- device: {self.device_name}; torch threads: {self.threads}; clock: {self.clock}"
             + (" (process CPU time)" if self.clock == "cpu" else " (wall time)"),
             f"- {self.dtype}; batch {self.batch_size}; {self.warmup} warm-up + {self.iters} timed "
-            "rounds (full and unet steps interleaved), median; gradient checkpointing "
+            "rounds (full, latents and unet steps interleaved), median; gradient checkpointing "
             + ("on" if self.checkpointing else "off"),
         ]
         if self.lora_rank:
@@ -582,7 +631,19 @@ class Report:
                 f"| {r.flops / self.batch_size / 1e9:.2f} | {r.flops_per_s / 1e12:.3f} "
                 f"| {100 * r.utilisation:.1f}% | {memory} |"
             )
-        return "\n".join([*lines, ""])
+        return "\n".join([*lines, "", *self._latents_lines(), ""])
+
+    def _latents_lines(self) -> list[str]:
+        """Per case: images/s of the step on cached latents against encoding on the fly."""
+        lines = []
+        for case in dict.fromkeys(r.case for r in self.rows):
+            by_step = {r.step: r for r in self.rows if r.case == case}
+            full, cached = by_step["full"].images_per_s, by_step["latents"].images_per_s
+            lines.append(
+                f"- {case}: cached latents {cached:.2f} images/s vs encoding on the fly "
+                f"{full:.2f} images/s: x{cached / full:.2f}"
+            )
+        return lines
 
     def _depth_table(self) -> list[str]:
         lines = [

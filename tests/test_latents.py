@@ -345,3 +345,28 @@ def test_sigkill_and_resume_on_latents_is_bit_identical(
     assert unet_a.keys() == unet_b.keys() and ema_a.keys() == ema_b.keys()
     assert all(torch.equal(unet_a[k], unet_b[k]) for k in unet_a)
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+def test_bench_latents_step_skips_the_encoders() -> None:
+    """bench/train_step.py's latents row: the same step on cached latents and embeddings costs
+    the UNet's FLOPs alone (base) or the UNet's plus the masked image's encode (inpainting)."""
+    from test_bench_train_step import _load_bench
+
+    bench = _load_bench()
+    argv = ["--preset", "tiny-cpu", "--pixels", "32", "--batch-size", "2", "--iters", "1",
+            "--warmup", "0", "--matmul-size", "64", "--threads", "1"]  # fmt: skip
+    report = bench.main(argv)
+    flops = {(r.case, r.step): r.flops for r in report.rows}
+    base, inpainting = "tiny-base@32px", "tiny-inpainting@32px"
+    assert flops[base, "latents"] == flops[base, "unet"] < flops[base, "full"]
+    assert flops[inpainting, "unet"] < flops[inpainting, "latents"] < flops[inpainting, "full"]
+    assert "tiny-base@32px: cached latents" in report.to_markdown()
+
+
+def test_heldout_shards_stay_image_shards() -> None:
+    from sdtrain.trainer.validation import heldout_data_config
+
+    cfg = load_config([EXPERIMENTS / "tiny-base.yaml"],
+                      ["data.latents=true", "data.text_embeddings=true"])  # fmt: skip
+    heldout = heldout_data_config(cfg)
+    assert cfg.data.latents and not heldout.latents and not heldout.text_embeddings

@@ -101,6 +101,8 @@ def heldout_data_config(cfg: ExperimentConfig) -> DataConfig:
         shuffle_buffer=0,
         num_workers=0,
         image=dataclasses.replace(data.image, crop="center", flip_p=0.0),
+        latents=False,  # held-out shards hold images, also when training reads latent shards
+        text_embeddings=False,
     )
 
 
@@ -347,10 +349,9 @@ class ValidationCallback(Callback):
             depths: list[Tensor] = []
             if self.cfg.validation.shards:
                 for batch in LaionLoader(heldout_data_config(self.cfg), 0, 1):
-                    # squared per batch: with data.buckets batches differ in size
-                    images.append(square(to_model_images(batch["image"]), size))
+                    images.append(to_model_images(batch["image"]))
                     if "depth" in batch:
-                        depths.append(square(batch["depth"].float(), size))
+                        depths.append(batch["depth"].float())
                     if sum(len(x) for x in images) >= count:
                         break
             if images:
