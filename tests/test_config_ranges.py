@@ -131,6 +131,17 @@ OUT_OF_RANGE: dict[str, str] = {
     "validation.image_size": "12",
     "validation.loss_batches": "0",
     "validation.loss_buckets": "0",
+    # eval (FID / CLIP during training)
+    "eval.every_n_steps": "-1",
+    "eval.num": "1",
+    "eval.scales": "[-1.0]",
+    "eval.steps": "0",
+    "eval.size": "-1",
+    "eval.batch": "0",
+    "eval.seed": "-1",
+    "eval.reference_num": "-1",
+    "eval.inception_features": "100",
+    "eval.extractor_seed": "-2",
     # prior (DreamBooth prior preservation)
     "prior.num_images": "0",
     "prior.loss_weight": "-1",

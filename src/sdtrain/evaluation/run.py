@@ -345,11 +345,7 @@ def evaluate(
     _check_settings(cfg, out, prompts, rank)
     extractors = _Extractors(cfg.extractors, device)
     if rank.rank == 0 and reference is None:  # first: a bad reference fails before any sampling
-        cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        reference = reference_features(
-            cfg.reference, cfg.size, cfg.reference_num, cfg.extractors.inception_id(),
-            extractors.inception, cache, batch=cfg.batch,
-        )  # fmt: skip
+        reference = _reference(cfg, extractors)
     generate(cfg, models, prompts, out, extractors, device, rank, on_images)
     if rank.rank != 0:
         return EvalResult([], None, out)
@@ -372,6 +368,23 @@ def evaluate(
                 "reference_num": int(reference.features.shape[0]),
             })  # fmt: skip
     return EvalResult(rows, reference, out)
+
+
+def _reference(cfg: EvalConfig, extractors: _Extractors) -> ReferenceFeatures:
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    return reference_features(
+        cfg.reference, cfg.size, cfg.reference_num, cfg.extractors.inception_id(),
+        extractors.inception, cache, batch=cfg.batch,
+    )  # fmt: skip
+
+
+def warm_extractors(cfg: EvalConfig, device: torch.device) -> ReferenceFeatures:
+    """Build both extractors (kept for the process) and return the reference features: what
+    ``evaluate`` needs before its first chunk, so that missing weights or a bad reference fail
+    now (an eval during training calls it before the first training step)."""
+    extractors = _Extractors(cfg.extractors, device)
+    extractors.clip()
+    return _reference(cfg, extractors)
 
 
 def _default_device(rank: Rank) -> torch.device:

@@ -15,6 +15,7 @@ from pathlib import Path
 from sdtrain.config.loader import load_dataclass
 from sdtrain.data.config import DataConfig
 from sdtrain.errors import ConfigError
+from sdtrain.evaluation.training import TrainingEvalConfig
 from sdtrain.models.conditioning import conditioning_component, required_data
 from sdtrain.models.config import ModelConfig
 from sdtrain.trainer.config import (
@@ -55,6 +56,8 @@ class ExperimentConfig:
     """Training-state checkpoints."""
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     """Sample grids and held-out loss during training."""
+    eval: TrainingEvalConfig = field(default_factory=TrainingEvalConfig)
+    """FID / KID / CLIP score every N steps (off by default; evaluation/training.py)."""
     run: RunConfig = field(default_factory=RunConfig)
     """The run folder."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -77,6 +80,7 @@ class ExperimentConfig:
             _check_lora_targets(self)
         elif self.init_lora:
             raise ConfigError("needs finetune.method: lora", key="init_lora")
+        self.eval.check_against(self.model, self.data.image.size, self.trainer.strategy)
         component = conditioning_component(self.model.conditioning)
         check_prior_model(self.prior, component.sample_inputs, self.model.name)
         # Only a config that names training data must provide what the model conditions on.

@@ -41,6 +41,7 @@ from sdtrain.trainer.checkpoints import (
     set_aside,
     step_checkpoints,
 )
+from sdtrain.trainer.eval_callback import eval_callbacks
 from sdtrain.trainer.experiment import ExperimentConfig
 from sdtrain.trainer.module import LatentDiffusionModule, NonFiniteError, effective_batch_line
 from sdtrain.trainer.prior import DreamBooth, class_image_dir
@@ -309,6 +310,7 @@ def build_trainer(
             checkpoints,
             ThroughputMonitor(),
             *validation_callbacks(cfg, plan.dir),
+            *eval_callbacks(cfg, plan.dir),  # the eval: section (off by default)
             *callbacks,
             # last: it acts once everything else is done with the step
             PreemptionCallback(checkpoints.save, signals, lambda: newest_step(plan.checkpoints)),
