@@ -370,3 +370,11 @@ def test_heldout_shards_stay_image_shards() -> None:
                       ["data.latents=true", "data.text_embeddings=true"])  # fmt: skip
     heldout = heldout_data_config(cfg)
     assert cfg.data.latents and not heldout.latents and not heldout.text_embeddings
+
+
+def test_latents_with_buckets_is_a_config_error() -> None:
+    from sdtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"buckets\.enabled.*data\.latents"):
+        load_config([EXPERIMENTS / "tiny-base.yaml"],
+                    ["data.latents=true", "data.buckets.enabled=true"])  # fmt: skip
