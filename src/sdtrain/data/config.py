@@ -10,7 +10,7 @@ score >= 5.0 (SD 1.5 used > 5.0, SD 2 >= 4.5), pwatermark < 0.5, punsafe < 0.1, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from sdtrain.data.buckets import BucketConfig, BucketSet
 from sdtrain.errors import ConfigError
@@ -160,8 +160,18 @@ class DataConfig:
     shards: list[str] = field(default_factory=list)
     """Brace patterns (``/data/laion/{00000..23999}.tar``), paths, directories of ``.tar`` files,
     ``@file`` lists of URLs, or ``pipe:`` commands."""
+    source: Literal["shards", "folder"] = "shards"
+    """``shards``: WebDataset tar shards (``shards``, LAION scale); ``folder``: the images under
+    ``folder`` read directly, with same-named sidecars (``data/folder.py``)."""
+    folder: str = ""
+    """With ``source: folder``: the folder of images (searched recursively; suffixes from
+    ``image_keys``) with ``<name>.txt`` captions and optional ``<name>.json`` metadata,
+    ``<name>.mask.png`` inpainting masks and ``<name>.depth.png`` / ``.depth.npy`` depth maps."""
     resampled: bool = True
     """Infinite mode: every epoch reshuffles the shards and starts over; False = one pass."""
+    repeats: int = 1
+    """Each shard (each image, with ``source: folder``) is read this many times per epoch, every
+    time with its own crop, flip, mask and augmentation draws (small DreamBooth-style sets)."""
     shuffle_shards: bool = True
     """Shuffle the shard order (per epoch, seeded)."""
     shuffle_buffer: int = 1000
@@ -182,6 +192,11 @@ class DataConfig:
     """Inpainting masks."""
     depth: DepthConfig = field(default_factory=DepthConfig)
     """Depth maps."""
+    augment: list[dict[str, Any]] = field(default_factory=list)
+    """Albumentations transforms applied at the output size to the image, its mask and depth map
+    (``data/augment.py``), each ``{name: <transform class>, <parameter>: <value>, ...}``, e.g.
+    ``[{name: ColorJitter, brightness: 0.1, p: 1.0}, {name: Affine, scale: [0.95, 1.05]}]``;
+    drawn from the sample's own seed. Empty (default): no augmentation."""
     buckets: BucketConfig = field(default_factory=BucketConfig)
     """Aspect-ratio buckets (``data/buckets.py``): off by default (one output size)."""
     latents: bool = False
@@ -222,5 +237,10 @@ class DataConfig:
                 key="buckets.enabled",
             )
         require_range(self, "seed", low=0, high=2**32 - 1)
+        require_range(self, "repeats", low=1)
+        if self.augment:  # names and parameters checked now, not in the first batch
+            from sdtrain.data.augment import build_augment
+
+            build_augment(self.augment, self.image.height, self.image.out_width)
         if self.buckets.enabled:  # an empty generated set is a config error
             BucketSet(self.buckets, self.image.height, self.image.out_width)

@@ -29,9 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from sdtrain.data.augment import build_augment
 from sdtrain.data.buckets import UPSCALE_REASON, Bucket, BucketBatcher, BucketSet, fingerprint_part
 from sdtrain.data.config import DataConfig
 from sdtrain.data.filters import DataStats, MetadataFilter, explain_rejections
+from sdtrain.data.folder import MASK_MEMBER, FolderSource, list_folder, load_mask
 from sdtrain.data.latents import LatentDecodeError, latent_sample
 from sdtrain.data.masks import MaskGenerator, build_mask_generator
 from sdtrain.data.shards import (
@@ -71,23 +73,64 @@ SampleRef = tuple[int, int, int]  # (epoch, position in the worker's shard list,
 # ---------------------------------------------------------------------------------------------
 
 
+class ShardSource:
+    """How streams read ``data.source: shards``: tar shards (``FolderSource``, in
+    ``data/folder.py``, reads a folder's images the same way, one "shard" per image)."""
+
+    unit = "shard"
+
+    def read(self, url: str) -> Iterator[RawSample]:
+        return iter_samples(url)
+
+    def name(self, url: str) -> str:
+        return shard_name(url)
+
+    def where(self, url: str, key: str) -> str:
+        """A sample as logs and error counters name it."""
+        return f"{shard_name(url)}/{key}"
+
+    def error_kind(self, err: ShardReadError) -> str:
+        return "shard_truncated" if "truncated" in str(err) else "shard_unreadable"
+
+    def problem(self, raw: RawSample) -> tuple[str, str] | None:
+        """(error kind, reason) of a sample unusable before any filter; none for shards."""
+        return None
+
+    empty_passes = 1
+    """Passes in a row that yield nothing before a stream gives up (``FolderSource``: more)."""
+
+
+SampleSource = ShardSource | FolderSource
+
+
 class ShardPlan:
     """Shard lists of every (rank, worker) per epoch: a seeded permutation, dealt round-robin.
 
     Every stream needs a shard of its own, so a rank runs at most as many workers as it has
     shards (``workers`` may be below the ``requested`` number: one shard, one worker); more ranks
-    than shards is an error.
+    than shards is an error. ``source`` reads a shard (with ``data.source: folder`` a "shard" is
+    one image file).
     """
 
-    def __init__(self, urls: list[str], cfg: DataConfig, rank: int, world_size: int, workers: int):
+    def __init__(
+        self,
+        urls: list[str],
+        cfg: DataConfig,
+        rank: int,
+        world_size: int,
+        workers: int,
+        source: SampleSource | None = None,
+    ):
         self.urls = urls
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
         self.requested = max(workers, 1)
+        self.source = source if source is not None else ShardSource()
         if len(urls) < world_size:
+            unit = self.source.unit
             raise DataError(
-                f"{len(urls)} shard(s) for {world_size} rank(s) x {self.requested} dataloader "
+                f"{len(urls)} {unit}(s) for {world_size} rank(s) x {self.requested} dataloader "
                 "worker(s): every rank needs at least one shard of its own. Use more (smaller) "
                 "shards or fewer ranks (trainer.devices x trainer.num_nodes)."
             )
@@ -214,6 +257,8 @@ class WorkerStream:
         self.stopping = stopping
         """True once the loader shuts its workers down: the stream ends at the next sample."""
         self.passes: dict[int, _Pass] = {}
+        self.empty_in_a_row = 0
+        """Passes in a row that yielded nothing usable (``_another_pass``)."""
         """The passes (epochs) this stream reads from their start, until one sample is usable."""
         self.stats = DataStats.from_dict(position.stats)
         self.filter = MetadataFilter(cfg.filters)
@@ -227,6 +272,7 @@ class WorkerStream:
         self.batcher: BucketBatcher[dict[str, Any]] = BucketBatcher(cfg.batch_size)
         self._masks: dict[tuple[int, int], MaskGenerator] = {}
         self.masks = self._mask_generator(self.size) if cfg.masks.enabled else None
+        self.augment = build_augment(cfg.augment, *self.size) if cfg.augment else None
         """The mask generator at ``self.size`` (buckets: one per bucket, ``_mask_generator``)."""
 
     # --- reading ----------------------------------------------------------------------------
@@ -238,7 +284,7 @@ class WorkerStream:
         """Samples of one shard from ``skip`` on; an unreadable shard is counted, not raised."""
         url = self.plan.urls[url_index]
         try:
-            for raw in iter_samples(url):
+            for raw in self.plan.source.read(url):
                 if self.stopping():
                     raise _Stopped
                 if raw.index >= skip:
@@ -247,13 +293,16 @@ class WorkerStream:
             self._shard_error(url, err)
 
     def _shard_error(self, url: str, err: ShardReadError) -> None:
-        kind = "shard_truncated" if "truncated" in str(err) else "shard_unreadable"
         self.stats.seen += 1
-        self._error(kind, shard_name(url), str(err))
+        self._error(self.plan.source.error_kind(err), self.plan.source.name(url), str(err))
 
     def _parse(self, raw: RawSample, url: str) -> str | None:
         """The normalised caption if the sample passes the filters, else None (counted)."""
-        where = f"{shard_name(url)}/{raw.key}"
+        where = self.plan.source.where(url, raw.key)
+        problem = self.plan.source.problem(raw)
+        if problem is not None:
+            self._error(problem[0], where, problem[1])
+            return None
         meta: dict[str, Any] = {}
         if "json" in raw.members:
             try:
@@ -320,14 +369,17 @@ class WorkerStream:
     def _check_pass(self, shards: int, read: int, tally: _Pass) -> None:
         """A full pass that read nothing (or kept nothing) would loop forever in infinite mode
         (in epoch mode the loader tells whether the rank as a whole yielded nothing)."""
-        if read == 0:
+        if read == 0 and not self._another_pass():
             raise DataError(
                 f"worker {self.worker} of rank {self.plan.rank}: none of its {shards} shard(s) "
                 f"could be read in epoch {self.pos.epoch}. Recent errors: "
                 + "; ".join(self.stats.recent_errors[-3:])
             )
+        if read == 0:
+            self.passes.pop(self.pos.epoch, None)
+            return
         tally.read_done = True
-        if tally.passed == 0 and self.cfg.resampled:
+        if tally.passed == 0 and self.cfg.resampled and not self._another_pass():
             raise DataError(
                 f"worker {self.worker} of rank {self.plan.rank}: no sample of {read} passed the "
                 f"filters in a full pass over its {shards} shard(s); "
@@ -340,6 +392,8 @@ class WorkerStream:
         """After a sample left the buffer: a pass whose every sample that passed the filters
         proved unusable (no depth map, broken images) yields nothing; infinite mode would spin."""
         epoch = pending.ref[0]
+        if usable:
+            self.empty_in_a_row = 0
         tally = self.passes.get(epoch)
         if tally is None:
             return
@@ -348,11 +402,21 @@ class WorkerStream:
             return
         tally.unusable += 1
         if tally.read_done and tally.unusable == tally.passed and self.cfg.resampled:
+            if self._another_pass():
+                del self.passes[epoch]
+                return
             raise DataError(
                 f"worker {self.worker} of rank {self.plan.rank}: none of the {tally.passed} "
                 f"sample(s) that passed the filters in a full pass could be used; "
                 + explain_rejections(self.stats, self.cfg, reasons=DRAW_TIME_REASONS)
             )
+
+    def _another_pass(self) -> bool:
+        """Counts a pass that yielded nothing; whether another may follow. Shards: never (the
+        data yields nothing). A folder deals every stream a fresh share of its files each epoch,
+        so a share of broken files is no reason to stop until ``empty_passes`` in a row."""
+        self.empty_in_a_row += 1
+        return self.empty_in_a_row < self.plan.source.empty_passes
 
     def _restore_buffer(self) -> list[_Pending]:
         """Re-read the samples the saved buffer held, from the shards they came from."""
@@ -388,7 +452,7 @@ class WorkerStream:
             url_index = self._shards(epoch)[shard_pos]
             url = self.plan.urls[url_index]
             try:
-                for raw in iter_samples(url):
+                for raw in self.plan.source.read(url):
                     if self.stopping():
                         raise _Stopped
                     if raw.index in indices:
@@ -410,7 +474,10 @@ class WorkerStream:
         """Samples of the saved buffer that are gone from their shards: an error, or with
         ``data.on_changed_shards=skip`` dropped from the buffer (the rest resumes as saved)."""
         shards = sorted(
-            {shard_name(self.plan.urls[self._shards(epoch)[pos]]) for epoch, pos, _ in missing}
+            {
+                self.plan.source.name(self.plan.urls[self._shards(epoch)[pos]])
+                for epoch, pos, _ in missing
+            }
         )
         what = (
             f"{len(missing)} of the {saved} samples in the saved {what} "
@@ -463,7 +530,7 @@ class WorkerStream:
     def _prepare(self, pending: _Pending) -> dict[str, Any] | None:
         """Decode, crop, mask: the model-ready (uint8) sample, or None when it is unusable."""
         raw = pending.raw
-        where = f"{shard_name(self.plan.urls[pending.url_index])}/{raw.key}"
+        where = self.plan.source.where(self.plan.urls[pending.url_index], raw.key)
         if self.cfg.latents:  # latent shards (``sdtrain data encode``): no image to decode
             return self._prepare_latents(pending, where)
         data = next((raw.members[k] for k in self.cfg.image_keys if k in raw.members), None)
@@ -490,14 +557,47 @@ class WorkerStream:
         if self.buckets is not None:
             sample["bucket_size"] = torch.tensor(size)  # (h, w)
         if self.cfg.masks.enabled:
-            mask = self._mask_generator(size)(rng).mask
-            sample["mask"] = torch.from_numpy(mask)[None]  # (1, H, W) uint8 {0, 1}
+            mask = self._mask(raw, info, where, size, rng)
+            if mask is None:
+                return None
+            sample["mask"] = mask  # (1, H, W) uint8 {0, 1}
         if self.cfg.depth.enabled:
             depth = self._depth(raw, info, where, size)
             if depth is None:
                 return None
             sample["depth"] = depth
+        if self.augment is not None:  # data.augment: image, mask and depth map together
+            self._augment(sample, rng)
         return sample
+
+    def _mask(
+        self,
+        raw: RawSample,
+        info: CropInfo,
+        where: str,
+        size: tuple[int, int],
+        rng: np.random.Generator,
+    ) -> torch.Tensor | None:
+        """The sample's own mask (a ``mask.png`` member: a folder's ``<name>.mask.png``) cropped
+        like its image, else a generated one; a mask file that does not decode is counted."""
+        if MASK_MEMBER not in raw.members:
+            return torch.from_numpy(self._mask_generator(size)(rng).mask)[None]
+        try:
+            return load_mask(raw.members[MASK_MEMBER], info, *size)
+        except ImageDecodeError as err:
+            self._error("bad_mask", where, str(err))
+            return None
+
+    def _augment(self, sample: dict[str, Any], rng: np.random.Generator) -> None:
+        assert self.augment is not None
+        image, mask, depth = self.augment(
+            sample["image"], rng, sample.get("mask"), sample.get("depth")
+        )
+        sample["image"] = image
+        if mask is not None:
+            sample["mask"] = mask
+        if depth is not None:
+            sample["depth"] = depth
 
     def _prepare_latents(self, pending: _Pending, where: str) -> dict[str, Any] | None:
         """A latent sample (``data.latents``): stored moments and crops, the flip and the mask
@@ -705,7 +805,10 @@ _NOTED: set[str] = set()
 
 def check_shards(cfg: DataConfig, world_size: int) -> ShardPlan:
     """The start-up check of a training run, before any work: shards configured, listed, local
-    files present (``ConfigError``), at least one per rank (``DataError``). Rank 0's plan."""
+    files present (``ConfigError``), at least one per rank (``DataError``). Rank 0's plan.
+    With ``data.source: folder``: the folder set and holding images (``ConfigError``)."""
+    if cfg.source == "folder":
+        return plan_shards(cfg, 0, world_size)
     if not cfg.shards:
         raise ConfigError(
             "no shards configured: point it at .tar shards (a folder, a file, a pattern)",
@@ -720,11 +823,16 @@ def plan_shards(
     cfg: DataConfig, rank: int = 0, world_size: int = 1, urls: list[str] | None = None
 ) -> ShardPlan:
     """The shards listed and split for ``rank``: ``DataError`` when there are none or fewer
-    than ranks; a note in the log (once per process) when fewer workers run than configured."""
-    if not cfg.shards:
+    than ranks; a note in the log (once per process) when fewer workers run than configured.
+    Every shard (folder: every image) is listed ``data.repeats`` times."""
+    source: SampleSource = ShardSource()
+    if cfg.source == "folder":
+        urls, source = (list_folder(cfg) if urls is None else urls), FolderSource.of(cfg)
+    elif not cfg.shards:
         raise DataError("no shards configured: set data.shards")
-    urls = expand_shards(cfg.shards) if urls is None else urls
-    plan = ShardPlan(urls, cfg, rank, world_size, cfg.num_workers)
+    else:
+        urls = expand_shards(cfg.shards) if urls is None else urls
+    plan = ShardPlan(urls * cfg.repeats, cfg, rank, world_size, cfg.num_workers, source)
     note = plan.reduction_note() if cfg.num_workers else None
     if note is not None and note not in _NOTED:
         _NOTED.add(note)

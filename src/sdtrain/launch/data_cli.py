@@ -130,8 +130,23 @@ def _config_from_args(
             image = dataclasses.replace(image, size=args.size)
         except ConfigError as err:
             raise ConfigError(err.message, key="--size") from None
+    if cfg.source == "folder":  # SHARDS is the folder of images (data.source=folder)
+        if len(specs) != 1:
+            raise ConfigError("with data.source=folder give one folder of images", key="SHARDS")
+        cfg = dataclasses.replace(cfg, folder=specs[0], image=image, **changes)
+        pipeline_urls(cfg)  # a folder without images is an error naming it
+        return cfg
     shard_urls(specs)
     return dataclasses.replace(cfg, shards=specs, image=image, **changes)
+
+
+def pipeline_urls(cfg: DataConfig) -> list[str]:
+    """What one pass reads: the shards, or with ``data.source: folder`` the image files."""
+    if cfg.source == "folder":
+        from sdtrain.data.folder import list_folder
+
+        return list_folder(cfg)
+    return shard_urls(cfg.shards)
 
 
 def _workers(cfg: DataConfig, requested: int | None) -> int:
@@ -142,7 +157,7 @@ def _workers(cfg: DataConfig, requested: int | None) -> int:
             raise ConfigError("must be >= 0", key="--workers")
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(cfg.num_workers, len(shard_urls(cfg.shards)), cores or 1)
+    return min(cfg.num_workers, len(pipeline_urls(cfg)), cores or 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,8 +202,11 @@ class ShardStats:
     also covers the samples after a worker's last batch, which no batch reports."""
 
     def __init__(self, cfg: DataConfig, urls: Sequence[str]) -> None:
+        from sdtrain.data.folder import FolderSource
+
         self.cfg = cfg
         self.urls = list(urls)
+        self.source = FolderSource.of(cfg) if cfg.source == "folder" else None
 
     def __len__(self) -> int:
         return len(self.urls)
@@ -196,7 +214,7 @@ class ShardStats:
     def __getitem__(self, index: int) -> dict[str, Any]:
         from sdtrain.data.pipeline import ShardPlan, WorkerPosition, WorkerStream
 
-        plan = ShardPlan([self.urls[index]], self.cfg, 0, 1, 1)
+        plan = ShardPlan([self.urls[index]], self.cfg, 0, 1, 1, self.source)
         stream = WorkerStream(self.cfg, plan, 0, WorkerPosition())
         for _ in stream.batches():
             pass
@@ -211,9 +229,9 @@ def collect_stats(cfg: DataConfig, workers: int = 0) -> Any:
     from sdtrain.data.filters import DataStats
 
     cfg = dataclasses.replace(
-        cfg, resampled=False, shuffle_buffer=0, num_workers=0, max_error_rate=1.0
+        cfg, resampled=False, shuffle_buffer=0, num_workers=0, max_error_rate=1.0, augment=[]
     )
-    urls = shard_urls(cfg.shards)
+    urls = pipeline_urls(cfg)
     total = DataStats()
     loader = DataLoader(ShardStats(cfg, urls), batch_size=None, num_workers=workers)
     data_log = logging.getLogger("sdtrain.data")

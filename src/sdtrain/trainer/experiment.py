@@ -84,7 +84,7 @@ class ExperimentConfig:
         component = conditioning_component(self.model.conditioning)
         check_prior_model(self.prior, component.sample_inputs, self.model.name)
         # Only a config that names training data must provide what the model conditions on.
-        if not self.data.shards:
+        if not self.data.shards and not (self.data.source == "folder" and self.data.folder):
             return
         for section in required_data(self.model.conditioning, self.model.depth):
             if not getattr(self.data, section).enabled:

@@ -472,7 +472,6 @@ def dry_run(cfg: ExperimentConfig) -> str:
     """Build everything without training: models on the meta device, the data pipeline opened
     (shards listed, split checked, first sample read), the strategy resolved. Returns the plan."""
     from sdtrain.data.pipeline import check_shards
-    from sdtrain.data.shards import iter_samples
     from sdtrain.models.stable_diffusion import build_stable_diffusion
 
     plan = prepare_run(cfg)
@@ -495,13 +494,14 @@ def dry_run(cfg: ExperimentConfig) -> str:
         f"  checkpoints: every {cfg.checkpoint.every_n_steps:,} steps, newest "
         f"{cfg.checkpoint.keep_last} kept, in {plan.checkpoints}",
     ]
-    if cfg.data.shards:
+    if cfg.data.shards or cfg.data.source == "folder":
         shard_plan = check_shards(cfg.data, t.num_nodes * t.devices)
         urls = shard_plan.urls
-        first = next(iter_samples(urls[shard_plan.worker_shards(0, 0)[0]]), None)
+        first = next(shard_plan.source.read(urls[shard_plan.worker_shards(0, 0)[0]]), None)
         members = sorted(first.members) if first else []
         lines.append(
-            f"  data: {len(urls):,} shard(s) for {t.num_nodes * t.devices} rank(s) x "
+            f"  data: {len(urls):,} {shard_plan.source.unit}(s) for "
+            f"{t.num_nodes * t.devices} rank(s) x "
             f"{shard_plan.workers} worker(s); first sample {first.key if first else '-'} "
             f"with members {members}; {cfg.data.image.height}x{cfg.data.image.out_width} px"
         )

@@ -96,6 +96,9 @@ def heldout_data_config(cfg: ExperimentConfig) -> DataConfig:
     return dataclasses.replace(
         data,
         shards=list(cfg.validation.shards),
+        source="shards",  # held-out shards also for a run on a folder (data.source: folder)
+        repeats=1,
+        augment=[],
         resampled=False,
         shuffle_shards=False,
         shuffle_buffer=0,
