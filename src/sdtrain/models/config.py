@@ -9,6 +9,7 @@ conditioning concatenates.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from sdtrain.diffusion.schedule import DiffusionConfig
 from sdtrain.errors import ConfigError
@@ -48,6 +49,10 @@ class ModelConfig:
     """Depth models: where the depth channel comes from (shards or the frozen MiDaS)."""
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
     """Upscalers: the low-res input's factor, noise schedule and levels, and its degradation."""
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """While training (``sdtrain fit``): the frozen autoencoder and text encoder are held in this
+    dtype (half their memory in bf16 / fp16); their outputs are cast back to float32 for the
+    UNet. Exports and sampling from files keep float32."""
 
     def __post_init__(self) -> None:
         latent = self.autoencoder.embed_dim

@@ -115,14 +115,26 @@ class StableDiffusion(nn.Module):
 
         ``sample`` draws from the posterior as the original training does; False takes its mean.
         """
-        posterior = self.autoencoder.encode(images)
+        posterior = self.autoencoder.encode(images.to(self.frozen_dtype))
         latents = posterior.sample(generator) if sample else posterior.mode()
-        return latents * self.config.autoencoder.scale_factor
+        return latents.float() * self.config.autoencoder.scale_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1] (clamped)."""
-        return self.autoencoder.decode(latents / self.config.autoencoder.scale_factor).clamp(-1, 1)
+        scaled = (latents / self.config.autoencoder.scale_factor).to(self.frozen_dtype)
+        return self.autoencoder.decode(scaled).float().clamp(-1, 1)
+
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        """The dtype the autoencoder is held in (``hold_frozen_in``; float32 by default)."""
+        return self.autoencoder.decoder.conv_out.weight.dtype
+
+    def hold_frozen_in(self, dtype: torch.dtype) -> None:
+        """Hold the frozen autoencoder and text encoder in ``dtype`` (``model.frozen_dtype``);
+        ``encode_images``, ``decode_latents`` and the text context stay float32."""
+        self.autoencoder.to(dtype)
+        self.text_encoder.to(dtype)
 
     @property
     def conditioning(self) -> ConditioningComponent:

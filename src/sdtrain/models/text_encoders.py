@@ -329,8 +329,9 @@ class FrozenTextEncoder(nn.Module):
         return m.ln_final(x)  # (B, L, D)
 
     def encode(self, prompts: Sequence[str] | str) -> Tensor:
-        """Context ``[B, context_length, width]`` for prompts, computed on the module's device."""
-        return self(self.tokenize(prompts).to(self.device))
+        """Context ``[B, context_length, width]`` (float32, whatever dtype the encoder is held
+        in) for prompts, computed on the module's device."""
+        return self(self.tokenize(prompts).to(self.device)).float()
 
     # ---- original checkpoint layout --------------------------------------------------------
 

@@ -383,6 +383,8 @@ def _fit(
     # depth_model.* carried from init_from serve exports only, which rebuild from init_from:
     # not held in every rank's memory for the whole run (~490 MB for 512-depth-ema.ckpt).
     module.model.carried_depth = {}
+    if cfg.model.frozen_dtype != "float32":  # training only: exports rebuild in float32
+        module.model.hold_frozen_in(getattr(torch, cfg.model.frozen_dtype))
     if cfg.dreambooth.instance_prompt or cfg.prior.enabled:
         resuming = plan.resume_from is not None
         module.dreambooth = DreamBooth(cfg, class_image_dir(cfg.prior, plan.dir), resuming)
