@@ -41,6 +41,7 @@ from sdtrain.launch.cli import EXIT_OK, EXIT_USAGE, main
 from sdtrain.launch.data_cli import load_data_config
 
 B = Bucket
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 
 
 @pytest.fixture(scope="module")
@@ -442,3 +443,50 @@ def test_a_short_fit_on_non_square_images_with_square_validation(
     # one prompt, rows [input, mask, result] of square 64 px cells (validation stays square)
     grid = Image.open(tmp_path / "run" / "samples" / "step=00000003-ddim.png")
     assert grid.size == (64, 3 * 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached latents (sdtrain data encode) with buckets
+# ---------------------------------------------------------------------------------------------
+
+
+def test_encode_writes_each_sample_at_its_bucket_and_latent_batches_group_by_size(
+    shards: str, tmp_path: Path
+) -> None:
+    from sdtrain.data.latents import MOMENTS, RECORD, LatentRecord
+    from sdtrain.errors import DataError
+    from sdtrain.trainer.fit import fit
+
+    out = tmp_path / "latents"
+    on = ["data.buckets.enabled=true", "data.buckets.step=16", "data.filters.min_size=0"]
+    config = str(EXPERIMENTS / "tiny-base.yaml")
+    assert main(["data", "encode", shards, str(out), "--config", config, *on]) == EXIT_OK
+    sizes, buckets = json_sizes(shards), BucketSet(BucketConfig(enabled=True, step=16), 64, 64)
+    stored = Counter()
+    for url in expand_shards([str(out)]):
+        for raw in iter_samples(url):
+            record = LatentRecord.from_json(raw.members[RECORD])
+            bucket = buckets.nearest(*sizes[raw.key])
+            assert record.size == (bucket.height, bucket.width)
+            moments = np.load(io.BytesIO(raw.members[MOMENTS]), allow_pickle=False)
+            assert moments.shape == (8, bucket.height // 8, bucket.width // 8)
+            stored[bucket] += 1
+    assert sum(stored.values()) == 48 and len(stored) == 3
+
+    cfg = in_process_cfg("tiny-base", str(out), tmp_path / "run", "data.latents=true", *on,
+                         "trainer.max_steps=2", "checkpoint.every_n_steps=2")  # fmt: skip
+    shapes = set()
+    for batch, _ in zip(LaionLoader(cfg.data), range(8), strict=False):
+        assert len({tuple(s) for s in batch["bucket_size"].tolist()}) == 1
+        h, w = batch["bucket_size"][0].tolist()
+        assert batch["moments"].shape[-2:] == (h // 8, w // 8)
+        shapes.add((h, w))
+    assert len(shapes) >= 2
+    fit(cfg)
+    assert (tmp_path / "run" / "checkpoints" / "step=00000002.ckpt").is_file()
+    # the same latent shards without buckets: refused, naming the stored size
+    plain = in_process_cfg("tiny-base", str(out), tmp_path / "plain", "data.latents=true",
+                           "data.filters.min_size=0", "trainer.max_steps=1")  # fmt: skip
+    with pytest.raises(DataError, match=r"encoded at \d+x\d+ px"):
+        for _ in LaionLoader(plain.data):
+            pass

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdtrain.data.buckets import BucketSet
 from sdtrain.data.config import DataConfig
 from sdtrain.data.shards import DataError
 
@@ -191,7 +192,16 @@ def check_record(record: LatentRecord, cfg: DataConfig, where: str) -> None:
     not a skipped sample, since every sample of such a shard would be unusable."""
     want = (cfg.image.height, cfg.image.out_width)
     made = "made by `sdtrain data encode`"
-    if tuple(record.size) != want:
+    if cfg.buckets.enabled:  # encoded with buckets: each sample at its bucket's size
+        buckets = BucketSet(cfg.buckets, *want).buckets
+        if tuple(record.size) not in {(b.height, b.width) for b in buckets}:
+            raise DataError(
+                f"latent shard sample {where} was encoded at {record.size[0]}x{record.size[1]} "
+                f"px (h x w), which is none of this run's data.buckets "
+                f"({', '.join(b.name for b in buckets)}, w x h): encode the shards again with "
+                "this bucket set, or train with theirs"
+            )
+    elif tuple(record.size) != want:
         raise DataError(
             f"latent shard sample {where} was encoded at {record.size[0]}x{record.size[1]} px "
             f"but this run's data.image is {want[0]}x{want[1]} px: encode the shards again at "
@@ -244,6 +254,8 @@ def latent_sample(
         "crop_top_left": torch.tensor(record.crop_top_left),  # (top, left), as CropInfo
     }
     size = (int(record.size[0]), int(record.size[1]))
+    if cfg.buckets.enabled:  # latent batches group by the stored size
+        sample["bucket_size"] = torch.tensor(size)  # (h, w)
     if record.crop:  # written only for modes that need pixels in training
         rgb = torch.from_numpy(_png(members, CROP, size).copy())
         if rgb.ndim != 3 or rgb.shape[2] != 3:

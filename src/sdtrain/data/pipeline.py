@@ -609,8 +609,10 @@ class WorkerStream:
             self._error("bad_latent", where, str(err))
             return None
         sample["caption"], sample["key"] = pending.caption, pending.raw.key
-        if self.masks is not None:
-            sample["mask"] = torch.from_numpy(self.masks(rng).mask)[None]  # (1, H, W) uint8
+        if self.cfg.masks.enabled:  # at the stored size (buckets: that of the sample's bucket)
+            size = tuple(sample["bucket_size"].tolist()) if self.buckets else self.size
+            mask = self._mask_generator(size)(rng).mask
+            sample["mask"] = torch.from_numpy(mask)[None]  # (1, H, W) uint8
         return sample
 
     def _bucket_size(self, raw: RawSample, data: bytes) -> tuple[int, int] | None:

@@ -192,13 +192,15 @@ class ShardEncoder:
         stream = WorkerStream(self.data, _OneShard(self.urls, self.data, index), 0,
                               WorkerPosition())  # fmt: skip
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            batch: list[tuple[RawSample, dict[str, Any]]] = []
+            # one batch per crop size: with data.buckets each sample is at its bucket's size
+            batches: dict[tuple[int, ...], list[tuple[RawSample, dict[str, Any]]]] = {}
             for item in stream.samples():
+                size = tuple(item[1]["image"].shape[-2:])
+                batch = batches.setdefault(size, [])
                 batch.append(item)
                 if len(batch) == self.options.batch_size:
-                    self._write(tar, batch, on_images)
-                    batch = []
-            if batch:
+                    self._write(tar, batches.pop(size), on_images)
+            for batch in batches.values():
                 self._write(tar, batch, on_images)
         return stream.stats
 
