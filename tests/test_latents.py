@@ -378,3 +378,23 @@ def test_latents_with_buckets_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"buckets\.enabled.*data\.latents"):
         load_config([EXPERIMENTS / "tiny-base.yaml"],
                     ["data.latents=true", "data.buckets.enabled=true"])  # fmt: skip
+
+
+def test_depth_latent_shards_keep_the_cropped_depth_map(tmp_path: Path, monkeypatch) -> None:
+    for key in RANK_VARS:
+        monkeypatch.delenv(key, raising=False)
+    spec = SyntheticSpec(samples=8, per_shard=4, min_side=64, max_side=80, depth=True)
+    write_synthetic_shards(tmp_path / "in", spec)
+    assert encode(tmp_path / "in", tmp_path / "out", "tiny-depth") == 0
+    order = ["data.num_workers=0", "data.shuffle_buffer=0", "data.resampled=false",
+             "data.shuffle_shards=false", "data.batch_size=8"]  # fmt: skip
+    images = load_config([EXPERIMENTS / "tiny-depth.yaml"],
+                         [f"data.shards=[{tmp_path / 'in'}]", *order])  # fmt: skip
+    out = tmp_path / "out"
+    latents = load_config([EXPERIMENTS / "tiny-depth.yaml"],
+                          [f"data.shards=[{out}]", "data.latents=true", *order])  # fmt: skip
+    on_the_fly = next(iter(LaionLoader(images.data)))
+    cached = next(iter(LaionLoader(latents.data)))
+    assert cached["key"] == on_the_fly["key"] and len(cached["key"]) > 0
+    assert "image" not in cached  # depth from the shards: no pixels needed in training
+    assert (cached["depth"] - on_the_fly["depth"]).abs().max() <= 1.0 / 32767.5
