@@ -466,6 +466,9 @@ class Upscale(ConditioningComponent):
     def extra_channels(self, latent_channels: int) -> int:
         return 3
 
+    def article(self) -> str:
+        return "an"  # "an x4 upscaler"
+
     def noise_augmentation(self, cfg: UpscaleConfig) -> LowResNoise | None:
         return LowResNoise(cfg)
 
