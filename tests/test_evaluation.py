@@ -5,9 +5,13 @@ tiny random model with seeded random extractors (offline, CPU)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +230,7 @@ def eval_args(inputs: dict[str, Path], out: Path, *extra: str, scales: str = "1,
         "--prompts", str(inputs["prompts"]), "--reference", str(inputs["reference"]),
         "--scales", scales, "--steps", "2", "--size", "32", "--num", "2", "--batch", "1",
         "--seed", "1", "--extractor-seed", "0", "--clip-model", TINY_CLIP,
+        "--inception-features", "64",  # cheap: the 2048-d path is tested on its own above
         "--cache-dir", str(inputs["root"] / "cache"), "--out", str(out), *extra,
     ]  # fmt: skip
 
@@ -240,9 +245,24 @@ def test_eval_end_to_end_and_an_interrupted_eval_resumes_to_the_same_numbers(
     tiny_inputs: dict[str, Path], tmp_path: Path, monkeypatch, capsys
 ) -> None:
     whole = tmp_path / "whole"
-    assert main(eval_args(tiny_inputs, whole, scales="4")) == 0
-    printed = capsys.readouterr().out
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert main(eval_args(tiny_inputs, whole, "--wandb", scales="4")) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "random features" in printed and "1 unreadable skipped" in printed
+    # progress: images/s and the ETA (elapsed<remaining)
+    assert "img/s" in captured.err and "scale 4" in captured.err and "<00:00" in captured.err
+    # wandb (offline): the settings, the rows as a table, the plot as an image
+    (record,) = (whole / "wandb").glob("offline-run-*/run-*.wandb")
+    data = record.read_bytes()
+    for key in (b"eval/metrics", b"eval/fid_vs_clip", b"clip_score", b"extractors", b"/fid"):
+        assert key in data, key
+    media = record.parent / "files" / "media"
+    assert list(media.glob("images/eval/fid_vs_clip_*.png"))
+    (table,) = media.glob("table/eval/metrics_*.table.json")
+    logged = json.loads(table.read_text())
+    assert logged["columns"][:2] == ["checkpoint", "scale"] and len(logged["data"]) == 1
     with (whole / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [float(r["scale"]) for r in rows] == [4.0]
@@ -281,14 +301,34 @@ def test_eval_end_to_end_and_an_interrupted_eval_resumes_to_the_same_numbers(
     assert "sampler differ" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def one_process(tiny_inputs: dict[str, Path], tmp_path_factory) -> Path:
+    """A single-process eval at scales 1 and 4, on one thread (as the ranks below run)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = tmp_path_factory.mktemp("one-process")
+        assert main(eval_args(tiny_inputs, one)) == 0
+        return one
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 def test_two_ranks_split_the_chunks_and_give_the_numbers_of_one(
-    tiny_inputs: dict[str, Path], tmp_path: Path, monkeypatch
+    tiny_inputs: dict[str, Path], one_process: Path, tmp_path: Path, monkeypatch, one_thread
 ) -> None:
     """Rank 1 of 2 generates its chunks and writes no metrics; rank 0 generates the rest and
     computes rows equal to a single process's."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(eval_args(tiny_inputs, one)) == 0
+    one, two = one_process, tmp_path / "two"
     done = []
     real_chunk = eval_run._generate_chunk
     monkeypatch.setattr(eval_run, "_generate_chunk",
@@ -300,4 +340,69 @@ def test_two_ranks_split_the_chunks_and_give_the_numbers_of_one(
     monkeypatch.setenv("RANK", "0")
     assert main(eval_args(tiny_inputs, two)) == 0
     assert done == [1, 1, 0, 0]
+    assert without_seconds(two / "metrics.json") == without_seconds(one / "metrics.json")
+
+
+def test_eval_refuses_other_kinds_and_architectures_naming_the_file(
+    tiny_inputs: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    from sdtrain.models.adapters.original import write_checkpoint
+    from sdtrain.models.stable_diffusion import build_stable_diffusion
+    from sdtrain.trainer.experiment import load_config
+
+    cfg = load_config([ROOT / "configs/models/tiny-inpainting.yaml"])
+    inpainting = write_checkpoint(tmp_path / "inpaint.safetensors",
+                                  **build_stable_diffusion(cfg.model).original_parts())  # fmt: skip
+    args = eval_args(tiny_inputs, tmp_path / "out")
+    args[args.index("--checkpoint") + 1] = str(inpainting)
+    args[args.index("--config") + 1] = "tiny-inpainting"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{inpainting} is an inpainting model (model.conditioning: inpainting" in err
+    assert "eval measures text-to-image checkpoints" in err and "--image" not in err
+    # A text-to-image file read with another architecture's config: the file is named.
+    wider = [*eval_args(tiny_inputs, tmp_path / "out2"), "model.unet.model_channels=64"]
+    assert main(wider) == 1
+    err = capsys.readouterr().err
+    assert f"{tiny_inputs['checkpoint']}: UNet weights do not match the model" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_numbers_of_one(
+    tiny_inputs: dict[str, Path], one_process: Path, tmp_path: Path, monkeypatch, one_thread
+) -> None:
+    """Rank 1 in a second process (as torchrun / srun start it), rank 0 here, at the same time,
+    into one OUT: the rows equal a single process's (every process on one thread: float sums
+    depend on the thread count)."""
+    one, two = one_process, tmp_path / "two"
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT / "src")}  # fmt: skip
+    other = subprocess.Popen(
+        [sys.executable, "-m", "sdtrain.launch.cli", *eval_args(tiny_inputs, two)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    real_wait = eval_run._wait_for_chunks
+
+    def wait_while_rank_1_lives(cfg, models, n, out):
+        while True:
+            try:
+                return real_wait(dataclasses.replace(cfg, wait_seconds=2.0), models, n, out)
+            except ConfigError:
+                if other.poll() not in (None, 0):
+                    raise AssertionError(f"rank 1 failed: {other.communicate()[1]}") from None
+
+    generated = []
+    real_chunk = eval_run._generate_chunk
+    monkeypatch.setattr(eval_run, "_wait_for_chunks", wait_while_rank_1_lives)
+    monkeypatch.setattr(eval_run, "_generate_chunk",
+                        lambda *a, **k: generated.append(a[4]) or real_chunk(*a, **k))  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    try:
+        assert main(eval_args(tiny_inputs, two)) == 0
+    finally:
+        _, err = other.communicate(timeout=600)
+    assert other.returncode == 0, err
+    assert generated == [0, 0]  # rank 0 made chunk 0 of each scale; rank 1 the rest
     assert without_seconds(two / "metrics.json") == without_seconds(one / "metrics.json")

@@ -53,6 +53,28 @@ def plot_fid_vs_clip(path: Path, rows: Sequence[dict[str, object]]) -> Path:
     return path
 
 
+def log_wandb(
+    out: Path, rows: Sequence[dict[str, object]], settings: dict[str, object], project: str
+) -> None:
+    """One wandb run (``job_type`` eval, files under ``OUT/wandb``): the settings as its config,
+    the rows as a table, the FID-vs-CLIP plot as an image and each row's figures in the summary.
+    ``WANDB_MODE=offline`` works without network."""
+    import wandb
+
+    run = wandb.init(project=project, name=out.resolve().name, dir=str(out), job_type="eval",
+                     config={"eval": settings}, reinit="create_new")  # fmt: skip
+    try:
+        table = wandb.Table(columns=list(COLUMNS), data=[[row[c] for c in COLUMNS] for row in rows])
+        run.log({"eval/metrics": table,
+                 "eval/fid_vs_clip": wandb.Image(str(out / "fid_vs_clip.png"))})  # fmt: skip
+        for row in rows:
+            name = f"{Path(str(row['checkpoint'])).name}/scale{float(str(row['scale'])):g}"
+            for key in ("fid", "kid", "kid_std", "clip_score"):
+                run.summary[f"eval/{name}/{key}"] = row[key]
+    finally:
+        run.finish()
+
+
 def format_table(rows: Sequence[dict[str, object]]) -> str:
     """The rows as a fixed-width table, the features named above it."""
     lines = [f"features: {rows[0]['features']}" if rows else "no rows"]

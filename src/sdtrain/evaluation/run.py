@@ -46,6 +46,8 @@ from sdtrain.utils.images import image_grid, to_image
 from sdtrain.utils.progress import progress
 
 DEFAULT_SCALES = (1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"
+"""tqdm's bar with the rate always in images/s (tqdm flips to s/img below 1 img/s) and the ETA."""
 COLUMNS = ("checkpoint", "scale", "sampler", "steps", "num", "size", "seed", "fid", "kid",
            "kid_std", "clip_score", "seconds", "features", "reference_num")  # fmt: skip
 
@@ -264,7 +266,8 @@ def generate(
                 model = model_spec.build(device)
             folder.mkdir(parents=True, exist_ok=True)
             desc = f"{Path(model_spec.name).name} scale {scale:g}"
-            with progress(total=total, initial=total - left, desc=desc, unit="img") as bar:
+            with progress(total=total, initial=total - left, desc=desc, unit="img",
+                          bar_format=BAR_FORMAT) as bar:  # fmt: skip
                 for i in todo:
                     part = prompts[i * cfg.batch : (i + 1) * cfg.batch]
                     tensors, pixels = _generate_chunk(model, part, cfg, scale, i, extractors)

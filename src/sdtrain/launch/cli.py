@@ -217,7 +217,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt, extractors=extractors, cache_dir=args.cache_dir,
     )  # fmt: skip
     config = _load(args) if args.config or args.overrides else None
-    run_eval(args.checkpoint, cfg, args.out, config=config, use_ema=args.ema)
+    run_eval(args.checkpoint, cfg, args.out, config=config, use_ema=args.ema,
+             wandb_project=args.wandb_project if args.wandb else None)  # fmt: skip
     return EXIT_OK
 
 
@@ -572,6 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--cache-dir", default=None, help="reference-feature cache folder")
     ev.add_argument("--out", required=True, help="output folder (re-use it to continue)")
+    ev.add_argument(
+        "--wandb",
+        action="store_true",
+        help="log the table, the plot and the settings to wandb (WANDB_MODE=offline works)",
+    )
+    ev.add_argument("--wandb-project", default="sdtrain", help="wandb project (default sdtrain)")
     ev_weights = ev.add_mutually_exclusive_group()
     ev_weights.add_argument("--ema", action="store_true", default=None, help="EMA weights")
     ev_weights.add_argument("--no-ema", dest="ema", action="store_false", help="raw weights")

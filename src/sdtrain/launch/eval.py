@@ -1,5 +1,6 @@
 """``sdtrain eval``: open the checkpoints, check the options, run ``evaluation.run.evaluate`` and
-write ``metrics.csv`` / ``metrics.json`` / ``fid_vs_clip.png`` (rank 0)."""
+write ``metrics.csv`` / ``metrics.json`` / ``fid_vs_clip.png`` (rank 0), and log them to wandb
+when asked."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sdtrain.errors import ConfigError
-from sdtrain.evaluation.report import format_table, write_metrics
+from sdtrain.evaluation.report import format_table, log_wandb, write_metrics
 from sdtrain.evaluation.run import EvalConfig, EvalModel, EvalResult, check_model, evaluate
 from sdtrain.launch.sample import open_source
 from sdtrain.trainer.experiment import ExperimentConfig
@@ -17,8 +18,10 @@ from sdtrain.utils import files
 def run_eval(
     checkpoints: Sequence[str], cfg: EvalConfig, out: str | Path, *,
     config: ExperimentConfig | None = None, use_ema: bool | None = None,
+    wandb_project: str | None = None,
 ) -> EvalResult:  # fmt: skip
-    """Everything ``sdtrain eval`` does; returns the rows (empty on ranks other than 0)."""
+    """Everything ``sdtrain eval`` does; returns the rows (empty on ranks other than 0).
+    ``wandb_project``: also log the rows, the plot and the settings to that wandb project."""
     if not checkpoints:
         raise ConfigError("pass at least one --checkpoint")
     if len(set(checkpoints)) != len(checkpoints):
@@ -44,4 +47,12 @@ def run_eval(
             )
         print(format_table(result.rows))
         print(f"wrote {out / 'metrics.csv'}, metrics.json, fid_vs_clip.png, grids/")
+        if wandb_project:
+            settings = {
+                **cfg.settings(),
+                "reference": cfg.reference,
+                "checkpoints": list(checkpoints),
+            }
+            log_wandb(out, result.rows, settings, wandb_project)
+            print(f"logged to wandb project {wandb_project} ({out / 'wandb'})")
     return result
