@@ -367,6 +367,22 @@ def test_bucket_config_errors_through_the_cli(shards: str, capsys) -> None:
     assert caught.value.key == "buckets.step"
 
 
+def test_buckets_the_unet_cannot_take_are_a_config_error_at_load() -> None:
+    from sdtrain.trainer.experiment import load_config
+
+    # tiny UNet: channel_mult [1, 2] -> one downsampling x the autoencoder's 8 = 16 px; at 64 px
+    # an 8 px step gives 56x72 and 72x56 (floor(4096 / (56 * 8)) * 8 = 72)
+    experiment = EXPERIMENTS / "tiny-base.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_config([experiment], ["data.buckets.enabled=true", "data.buckets.step=8"])
+    assert caught.value.key == "data.buckets.step" and "56x72, 72x56" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_config([experiment], ["data.buckets.enabled=true",
+                                   "data.buckets.sizes=[[64,64],[72,56]]"])  # fmt: skip
+    assert caught.value.key == "data.buckets.sizes" and "72x56" in str(caught.value)
+    load_config([experiment], ["data.buckets.enabled=true", "data.buckets.step=16"])
+
+
 def test_data_stats_buckets_prints_counts_per_bucket_and_the_share_dropped(
     shards: str, capsys
 ) -> None:

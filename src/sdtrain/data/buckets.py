@@ -136,6 +136,21 @@ class BucketSet:
         return bucket if cover_scale(bucket, width, height) <= self.cfg.max_upscale else None
 
 
+def require_multiple(cfg: BucketConfig, height: int, width: int, multiple: int, why: str) -> None:
+    """Every bucket side divides by ``multiple`` (``why`` says what needs it: the UNet's
+    downsampling); a ``ConfigError`` naming the buckets that do not, keyed ``buckets.sizes`` or
+    ``buckets.step``."""
+    bad = [b.name for b in BucketSet(cfg, height, width).buckets
+           if b.width % multiple or b.height % multiple]  # fmt: skip
+    if bad:
+        key, fix = ("sizes", "list sides") if cfg.sizes else ("step", "use a step")
+        raise ConfigError(
+            f"bucket(s) {', '.join(bad)} (w x h) do not divide by {multiple} px, which {why} "
+            f"needs: {fix} in multiples of {multiple}",
+            key=f"buckets.{key}",
+        )
+
+
 def cover_scale(bucket: Bucket, width: int, height: int) -> float:
     """The factor that makes a ``width`` x ``height`` image just cover ``bucket``."""
     return max(bucket.width / width, bucket.height / height)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdtrain.config.loader import load_dataclass
+from sdtrain.data.buckets import require_multiple
 from sdtrain.data.config import DataConfig
 from sdtrain.errors import ConfigError
 from sdtrain.evaluation.training import TrainingEvalConfig
@@ -81,6 +82,8 @@ class ExperimentConfig:
         elif self.init_lora:
             raise ConfigError("needs finetune.method: lora", key="init_lora")
         self.eval.check_against(self.model, self.data.image.size, self.trainer.strategy)
+        if self.data.buckets.enabled:  # every bucket must pass the UNet's down / up sampling
+            _check_buckets(self)
         component = conditioning_component(self.model.conditioning)
         check_prior_model(self.prior, component.sample_inputs, self.model.name)
         # Only a config that names training data must provide what the model conditions on.
@@ -99,6 +102,18 @@ def load_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> E
     """Merge experiment files ``paths`` in order (each with its ``include:`` files), apply
     ``overrides`` (``a.b=value``); return the checked ``ExperimentConfig``."""
     return load_dataclass(ExperimentConfig, paths, overrides)
+
+
+def _check_buckets(cfg: ExperimentConfig) -> None:
+    model, image = cfg.model, cfg.data.image
+    levels = len(model.unet.channel_mult) - 1
+    multiple = model.latent_downsampling * 2**levels
+    why = (f"the autoencoder's factor {model.latent_downsampling} x the UNet's {levels} "
+           "downsampling(s)")  # fmt: skip
+    try:
+        require_multiple(cfg.data.buckets, image.height, image.out_width, multiple, why)
+    except ConfigError as err:
+        raise err.at("data") from None
 
 
 def _check_lora_targets(cfg: ExperimentConfig) -> None:
