@@ -39,6 +39,59 @@ def _add_config_args(parser: argparse.ArgumentParser, default: Sequence[str] = (
     )
 
 
+def _add_allocation_args(parser: argparse.ArgumentParser) -> None:
+    """What ``sdtrain slurm submit`` and ``slurm eval`` ask SLURM for."""
+    parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    parser.add_argument(
+        "--gpus-per-node", type=int, default=8, help="GPUs per node, one task each (0: CPU job)"
+    )
+    parser.add_argument(
+        "--tasks-per-node",
+        type=int,
+        default=0,
+        help="tasks (training processes) per node; default: one per GPU",
+    )
+    parser.add_argument("--cpus-per-task", type=int, default=8, help="CPUs per task (default 8)")
+    parser.add_argument("--time", default="24:00:00", help="time limit (default 24:00:00)")
+    parser.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=300,
+        help="send SIGUSR1 this many seconds before the time limit: checkpoint + requeue",
+    )
+    parser.add_argument("--partition", default="", help="partition")
+    parser.add_argument("--account", default="", help="account to charge")
+    parser.add_argument("--qos", default="", help="quality of service")
+    parser.add_argument("--constraint", default="", help="node features, e.g. a100")
+    parser.add_argument("--job-name", default="", help="job name (default: the run name)")
+    parser.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="a further #SBATCH option, e.g. --sbatch-arg=--exclusive (repeatable)",
+    )
+
+
+def _slurm_options(args: argparse.Namespace):
+    from sdtrain.launch.slurm import SlurmOptions
+
+    return SlurmOptions(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+        time=args.time,
+        signal_seconds=args.signal_seconds,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        job_name=args.job_name,
+        sbatch_args=args.sbatch_arg,
+    )
+
+
 def _load(args: argparse.Namespace):
     from sdtrain.trainer.experiment import load_config
 
@@ -82,26 +135,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_slurm_submit(args: argparse.Namespace) -> int:
-    from sdtrain.launch.slurm import SlurmOptions, submit
+    from sdtrain.launch.slurm import submit
 
     files = [item for item in args.config if "=" not in item]
     overrides = [item for item in args.config if "=" in item] + list(args.overrides)
     if not files:
         raise ConfigError("no config given: pass --config FILE [FILE ...]")
-    options = SlurmOptions(
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        tasks_per_node=args.tasks_per_node,
-        cpus_per_task=args.cpus_per_task,
-        time=args.time,
-        signal_seconds=args.signal_seconds,
-        partition=args.partition,
-        account=args.account,
-        qos=args.qos,
-        constraint=args.constraint,
-        job_name=args.job_name,
-        sbatch_args=args.sbatch_arg,
-    )
+    options = _slurm_options(args)
     paths = [resolve_config_path(p) for p in files]
     script, path, job = submit(paths, overrides, options, dry_run=args.dry_run)
     if args.dry_run:
@@ -109,6 +149,32 @@ def cmd_slurm_submit(args: argparse.Namespace) -> int:
         print(f"# (dry run: would be written to {path} and submitted with sbatch)")
     else:
         print(f"submitted job {job}: {path}")
+    return EXIT_OK
+
+
+def cmd_slurm_eval(args: argparse.Namespace) -> int:
+    from sdtrain.launch.slurm import submit_eval
+
+    words = list(args.eval_args)
+    words = words[1:] if words[:1] == ["--"] else words
+    if not words:
+        raise ConfigError("pass the sdtrain eval options after --, e.g. -- --checkpoint runs/a ...")
+    try:  # the options are checked here, on the login node, not when the job starts
+        eval_args = build_parser().parse_args(["eval", *words])
+    except SystemExit:
+        raise ConfigError("the options after -- are not valid sdtrain eval options") from None
+    _eval_config(eval_args)
+    for checkpoint in eval_args.checkpoint:
+        if not Path(checkpoint).exists():
+            raise ConfigError(f"--checkpoint {checkpoint} does not exist (paths are relative to "
+                              f"{Path.cwd()}, where the job starts)")  # fmt: skip
+    script, path, job = submit_eval(Path(eval_args.out), words, _slurm_options(args),
+                                    dry_run=args.dry_run)  # fmt: skip
+    if args.dry_run:
+        print(script, end="")
+        print(f"# (dry run: would be written to {path} and submitted with sbatch)")
+    else:
+        print(f"submitted eval job {job}: {path}")
     return EXIT_OK
 
 
@@ -194,10 +260,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _eval_config(args: argparse.Namespace):
     from sdtrain.evaluation.extractors import ExtractorConfig
     from sdtrain.evaluation.run import EvalConfig
-    from sdtrain.launch.eval import run_eval
 
     try:
         scales = tuple(float(s) for s in args.scales.split(",") if s.strip())
@@ -216,6 +281,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         with_replacement=args.with_replacement, reference_num=args.reference_num,
         negative_prompt=args.negative_prompt, extractors=extractors, cache_dir=args.cache_dir,
     )  # fmt: skip
+    return cfg
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sdtrain.launch.eval import run_eval
+
+    cfg = _eval_config(args)
     config = _load(args) if args.config or args.overrides else None
     run_eval(args.checkpoint, cfg, args.out, config=config, use_ema=args.ema,
              wandb_project=args.wandb_project if args.wandb else None)  # fmt: skip
@@ -264,40 +336,27 @@ def build_parser() -> argparse.ArgumentParser:
         "from the run's newest checkpoint whenever it (re)starts.",
     )
     _add_config_args(submit)
-    submit.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    submit.add_argument(
-        "--gpus-per-node", type=int, default=8, help="GPUs per node, one task each (0: CPU job)"
-    )
-    submit.add_argument(
-        "--tasks-per-node",
-        type=int,
-        default=0,
-        help="tasks (training processes) per node; default: one per GPU",
-    )
-    submit.add_argument("--cpus-per-task", type=int, default=8, help="CPUs per task (default 8)")
-    submit.add_argument("--time", default="24:00:00", help="time limit (default 24:00:00)")
-    submit.add_argument(
-        "--signal-seconds",
-        type=int,
-        default=300,
-        help="send SIGUSR1 this many seconds before the time limit: checkpoint + requeue",
-    )
-    submit.add_argument("--partition", default="", help="partition")
-    submit.add_argument("--account", default="", help="account to charge")
-    submit.add_argument("--qos", default="", help="quality of service")
-    submit.add_argument("--constraint", default="", help="node features, e.g. a100")
-    submit.add_argument("--job-name", default="", help="job name (default: the run name)")
-    submit.add_argument(
-        "--sbatch-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="a further #SBATCH option, e.g. --sbatch-arg=--exclusive (repeatable)",
-    )
+    _add_allocation_args(submit)
     submit.add_argument(
         "--dry-run", action="store_true", help="print the script without writing or submitting"
     )
     submit.set_defaults(func=cmd_slurm_submit)
+    slurm_eval = slurm_sub.add_parser(
+        "eval",
+        help="render a batch script for sdtrain eval and submit it with sbatch",
+        description="Check the sdtrain eval options given after --, render OUT/slurm/eval.sbatch "
+        "(srun: one eval rank per task, the ranks split the chunks, rank 0 writes the metrics) "
+        "and sbatch it. Submitting it again continues a stopped eval.",
+    )
+    _add_allocation_args(slurm_eval)
+    slurm_eval.add_argument(
+        "--dry-run", action="store_true", help="print the script without writing or submitting"
+    )
+    slurm_eval.add_argument(
+        "eval_args", nargs=argparse.REMAINDER, metavar="-- EVAL_OPTIONS",
+        help="sdtrain eval options, e.g. -- --checkpoint runs/a --prompts p.txt ... --out DIR",
+    )  # fmt: skip
+    slurm_eval.set_defaults(func=cmd_slurm_eval)
     slurm_status = slurm_sub.add_parser(
         "status", help="show a run's SLURM jobs and its newest checkpoint"
     )

@@ -1,4 +1,4 @@
-"""SLURM from the login node: render and submit the training job, report its status.
+"""SLURM from the login node: render and submit the training job or an eval job, report status.
 
 ``sdtrain slurm submit`` resolves the config, snapshots it into the run folder, renders a batch
 script from the same settings the trainer uses (nodes x tasks per node = num_nodes x devices) and
@@ -6,6 +6,12 @@ submits it with ``sbatch``. The script runs ``srun sdtrain fit --config <snapsho
 run.dir=<run> resume=auto``, so a requeued job continues in the same folder from its own newest
 checkpoint. What happens inside the job (allocation checks, SIGUSR1 ``--signal=USR1@<s>`` seconds
 before the time limit -> checkpoint -> ``scontrol requeue``) is :mod:`sdtrain.trainer.preemption`.
+
+``sdtrain slurm eval`` renders ``OUT/slurm/eval.sbatch`` running ``srun sdtrain eval ...`` with
+the options given: every task is one rank of the eval (``SLURM_PROCID`` / ``SLURM_NTASKS``; it
+uses GPU ``SLURM_LOCALID``), the ranks split the chunks and rank 0 writes the metrics. No process
+group: nothing to rendezvous. A stopped or requeued job run again into the same OUT keeps the
+chunks already written.
 """
 
 from __future__ import annotations
@@ -116,6 +122,32 @@ def check_options(options: SlurmOptions) -> None:
         )
 
 
+EVAL_TEMPLATE = Template(
+    """#!/bin/bash
+# sdtrain eval job "${job_name}": ${nodes} node(s) x ${tasks} task(s) per node, one task per
+# ${task_unit}; the tasks split the chunks (SLURM_PROCID / SLURM_NTASKS), rank 0 writes the
+# metrics. Rendered by `sdtrain slurm eval`; submit it again with `sbatch <this file>` to continue a
+# stopped eval (the chunks already in ${out_dir} are kept).
+#SBATCH --job-name=${job_name}
+#SBATCH --nodes=${nodes}
+#SBATCH --ntasks-per-node=${tasks}
+${gpu_line}#SBATCH --cpus-per-task=${cpus_per_task}
+#SBATCH --time=${time}
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --chdir=${workdir}
+#SBATCH --output=${out_dir}/slurm/%j.out
+${extra_lines}
+set -euo pipefail
+
+export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$SLURM_CPUS_PER_TASK}
+
+echo "sdtrain eval: job $$SLURM_JOB_ID restart $${SLURM_RESTART_COUNT:-0} on $$SLURM_JOB_NODELIST"
+srun --kill-on-bad-exit=1 ${command}
+"""
+)
+
+
 def sdtrain_command() -> list[str]:
     """How to run this very sdtrain (same interpreter / virtual environment) on the nodes."""
     return [sys.executable, "-m", "sdtrain.launch.cli"]
@@ -132,6 +164,37 @@ def render_sbatch(
     ``program`` runs sdtrain on the nodes: by default this interpreter (same environment).
     """
     check_options(options)
+    command = [*(program or sdtrain_command()), "fit", "--config", str(config_snapshot)]
+    command += [f"run.dir={run_dir}", "resume=auto"]
+    return SBATCH_TEMPLATE.substitute(
+        **_allocation(options, run_dir.name),
+        signal_seconds=options.signal_seconds,
+        run_dir=run_dir,
+        command=shlex.join(command),
+    )
+
+
+def render_eval_sbatch(
+    options: SlurmOptions,
+    out_dir: Path,
+    eval_args: Sequence[str],
+    workdir: Path,
+    program: Sequence[str] | None = None,
+) -> str:
+    """The batch script of ``sdtrain eval <eval_args>`` writing into ``out_dir``, run from
+    ``workdir`` (relative paths in the arguments are relative to it)."""
+    check_options(options)
+    command = [*(program or sdtrain_command()), "eval", *eval_args]
+    return EVAL_TEMPLATE.substitute(
+        **_allocation(options, f"eval-{out_dir.name}"),
+        out_dir=out_dir,
+        workdir=workdir,
+        command=shlex.join(command),
+    )
+
+
+def _allocation(options: SlurmOptions, default_name: str) -> dict[str, object]:
+    """The template fields both scripts share: the allocation and the extra #SBATCH lines."""
     extra = [
         f"#SBATCH --{name}={value}"
         for name, value in (
@@ -142,10 +205,8 @@ def render_sbatch(
         )
         if value
     ] + [f"#SBATCH {arg}" for arg in options.sbatch_args]
-    command = [*(program or sdtrain_command()), "fit", "--config", str(config_snapshot)]
-    command += [f"run.dir={run_dir}", "resume=auto"]
-    return SBATCH_TEMPLATE.substitute(
-        job_name=options.job_name or run_dir.name,
+    return dict(
+        job_name=options.job_name or default_name,
         nodes=options.nodes,
         tasks=options.tasks,
         task_unit="GPU" if options.gpus_per_node else "CPU process",
@@ -154,10 +215,7 @@ def render_sbatch(
         else "",
         cpus_per_task=options.cpus_per_task,
         time=options.time,
-        signal_seconds=options.signal_seconds,
-        run_dir=run_dir,
         extra_lines="\n".join(extra),
-        command=shlex.join(command),
     )
 
 
@@ -203,6 +261,36 @@ def submit(
     with (run_dir / "slurm" / "jobs").open("a") as handle:
         handle.write(f"{job}\n")
     return script, path, job
+
+
+def submit_eval(
+    out_dir: Path, eval_args: Sequence[str], options: SlurmOptions, dry_run: bool = False
+) -> tuple[str, Path, str | None]:
+    """Render ``OUT/slurm/eval.sbatch`` for ``sdtrain eval <eval_args>`` (already checked by the
+    caller) and (unless ``dry_run``) sbatch it; returns (script, path, job)."""
+    out_dir = Path(out_dir).resolve()
+    script = render_eval_sbatch(options, out_dir, eval_args, Path.cwd())
+    path = out_dir / "slurm" / "eval.sbatch"
+    if dry_run:
+        return script, path, None
+    return script, path, _sbatch(path, script, out_dir / "slurm" / "jobs")
+
+
+def _sbatch(path: Path, script: str, jobs: Path) -> str:
+    """Write ``script`` to ``path``, submit it, append the job id to ``jobs``."""
+    if shutil.which("sbatch") is None:
+        raise RuntimeError("sbatch is not on PATH: is this a SLURM login node?")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    result = subprocess.run(
+        ["sbatch", "--parsable", str(path)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"sbatch failed: {result.stderr.strip() or result.stdout.strip()}")
+    job = result.stdout.strip().split(";")[0]
+    with jobs.open("a") as handle:
+        handle.write(f"{job}\n")
+    return job
 
 
 def status(run_dir: Path) -> str:
