@@ -188,6 +188,28 @@ def test_a_folder_without_images_is_an_error_naming_it(tmp_path: Path, capsys) -
     assert f"{empty} holds no images" in err and "*.png" in err and "Traceback" not in err
 
 
+def test_config_rules_of_the_folder_source(tmp_path: Path) -> None:
+    from sdtrain.trainer.fit import dry_run
+
+    folder = image_folder(tmp_path / "set", 3)
+    masks_off = ["data.source=folder", f"data.folder={folder}", "data.masks.enabled=false"]
+    with pytest.raises(ConfigError, match="trains on masks") as info:
+        load_config([EXPERIMENTS / "tiny-inpainting.yaml"], masks_off)
+    assert info.value.key == "data.masks.enabled"
+    with pytest.raises(ConfigError, match="latent shards are shards") as info:
+        load_config([EXPERIMENTS / "tiny-lora-folder.yaml"], ["data.latents=true"])
+    assert info.value.key == "data.source"
+    latents = ["data.source=shards", "data.latents=true"]
+    with pytest.raises(ConfigError, match="augmentations run on decoded images") as info:
+        load_config([EXPERIMENTS / "tiny-lora-folder.yaml"], latents)
+    assert info.value.key == "data.augment"
+    cfg = load_config([EXPERIMENTS / "tiny-lora-folder.yaml"],
+                      [f"data.folder={folder}", f"run.dir={tmp_path / 'run'}"])  # fmt: skip
+    text = dry_run(cfg)
+    assert "6 image(s) for 1 rank(s) x 2 worker(s)" in text  # 3 images x data.repeats 2
+    assert "members ['json', 'png', 'txt']" in text
+
+
 # ---------------------------------------------------------------------------------------------
 # Masks, repeats, the split
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +323,7 @@ def adapter(run_dir: Path, step: int) -> tuple[dict, dict]:
 
 def test_sigkill_and_resume_on_a_folder_is_bit_identical(base_file: Path, tmp_path: Path) -> None:
     folder = image_folder(tmp_path / "set", 6, height=64, width=80)
-    steps = ("trainer.max_steps=6", "checkpoint.every_n_steps=2", "data.num_workers=2",
+    steps = ("trainer.max_steps=4", "checkpoint.every_n_steps=2", "data.num_workers=2",
              f"init_from={base_file}")  # fmt: skip
     straight = tmp_path / "straight"
     result = subprocess.run(folder_fit(folder, straight, *steps), env=env(), capture_output=True,
@@ -317,11 +339,11 @@ def test_sigkill_and_resume_on_a_folder_is_bit_identical(base_file: Path, tmp_pa
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert target.exists(), "the run never reached its step-2 checkpoint"
-    assert not (killed / "checkpoints" / "step=00000006.ckpt").exists(), "killed too late"
+    assert not (killed / "checkpoints" / "step=00000004.ckpt").exists(), "killed too late"
     result = subprocess.run(folder_fit(folder, killed, *steps, "resume=auto"), env=env(),
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (lora_a, ema_a), (lora_b, ema_b) = adapter(straight, 6), adapter(killed, 6)
+    (lora_a, ema_a), (lora_b, ema_b) = adapter(straight, 4), adapter(killed, 4)
     assert lora_a.keys() == lora_b.keys() and len(lora_a) == 2 * 56
     assert all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)

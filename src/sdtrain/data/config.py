@@ -238,6 +238,17 @@ class DataConfig:
             )
         require_range(self, "seed", low=0, high=2**32 - 1)
         require_range(self, "repeats", low=1)
+        if self.latents and self.source == "folder":
+            raise ConfigError(
+                "latent shards are shards: make shards of the folder (sdtrain data make-shards), "
+                "encode them (sdtrain data encode) and train on those",
+                key="source",
+            )
+        if self.latents and self.augment:
+            raise ConfigError(
+                "augmentations run on decoded images; latent shards hold encoded crops",
+                key="augment",
+            )
         if self.augment:  # names and parameters checked now, not in the first batch
             from sdtrain.data.augment import build_augment
 
