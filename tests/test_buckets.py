@@ -54,7 +54,7 @@ def shards(tmp_path_factory) -> str:
 
 def bucket_cfg(shards: str, **changes) -> DataConfig:
     base = dict(
-        shards=[shards], batch_size=3, num_workers=0, shuffle_buffer=8, resampled=False,
+        shards=[shards] if shards else [], batch_size=3, num_workers=0, shuffle_buffer=8, resampled=False,
         image=ImageConfig(size=64), filters=FilterConfig(min_size=0),
         buckets=BucketConfig(enabled=True, step=16),
     )  # fmt: skip
@@ -506,3 +506,42 @@ def test_encode_writes_each_sample_at_its_bucket_and_latent_batches_group_by_siz
     with pytest.raises(DataError, match=r"encoded at \d+x\d+ px"):
         for _ in LaionLoader(plain.data):
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder source (data.source: folder) with buckets
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_folder_of_non_square_images_batches_by_bucket_with_its_masks(tmp_path: Path) -> None:
+    # 12 PNGs of 3 shapes, a .txt caption each; every third has a <name>.mask.png sidecar
+    shapes = [(96, 48), (64, 64), (48, 96)]  # (w, h)
+    for i in range(12):
+        width, height = shapes[i % 3]
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8)).save(
+            tmp_path / f"img{i}.png"
+        )
+        (tmp_path / f"img{i}.txt").write_text(f"picture {i}")
+        if i % 4 == 0:  # left half to repaint
+            mask = np.zeros((height, width), np.uint8)
+            mask[:, : width // 2] = 255
+            Image.fromarray(mask).save(tmp_path / f"img{i}.mask.png")
+    cfg = bucket_cfg("", source="folder", folder=str(tmp_path), batch_size=2,
+                     image=ImageConfig(size=64, crop="center"),
+                     masks=MaskConfig(enabled=True))  # fmt: skip
+    per_bucket: Counter = Counter()
+    for batch in LaionLoader(cfg):
+        h, w = (int(x) for x in batch["image"].shape[-2:])
+        assert all(tuple(s) == (h, w) for s in batch["bucket_size"].tolist())
+        assert batch["mask"].shape[-2:] == (h, w)
+        for key, original, mask in zip(
+            batch["key"], batch["original_size"].tolist(), batch["mask"][:, 0], strict=True
+        ):
+            i = int(key.rsplit("img", 1)[-1])
+            assert tuple(original) == shapes[i % 3][::-1]
+            if i % 4 == 0:  # the sidecar mask, cropped with the image: its left half
+                assert mask[:, : w // 2 - 1].all() and not mask[:, w // 2 + 1 :].any()
+        per_bucket[(w, h)] += len(batch["key"])
+    # 2:1 goes to 80x48 (ratio 1.67), 1:1 to 64x64, 1:2 to 48x80
+    assert per_bucket == Counter({(80, 48): 4, (64, 64): 4, (48, 80): 4})
