@@ -32,8 +32,9 @@ from typing import Literal
 
 import torch
 
-from sdtrain.evaluation.extractors import ExtractorConfig, build_clip, build_inception
+from sdtrain.evaluation.extractors import ExtractorConfig
 from sdtrain.evaluation.metrics import fid_from_features
+from sdtrain.evaluation.run import cached_clip, cached_inception
 from sdtrain.models.sampling import sample_images
 from sdtrain.models.stable_diffusion import build_stable_diffusion
 from sdtrain.trainer.experiment import load_config
@@ -184,8 +185,8 @@ def run_case(case: Case, preset: Preset, extractors: ExtractorConfig) -> Row:
     g = torch.Generator().manual_seed(0)
     shape = (preset.batch_size, 3, case.size, case.size)
     images = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(device)
-    inception = build_inception(extractors).to(device)
-    clip = build_clip(extractors).to(device)
+    inception = cached_inception(extractors).to(device)
+    clip = cached_clip(extractors).to(device)
     with torch.no_grad():
         inception_t = timed(lambda: inception(images), preset.iters, preset.warmup, cuda)
         clip_t = timed(lambda: clip.encode_images(images), preset.iters, preset.warmup, cuda)

@@ -186,13 +186,15 @@ def to_uint8(images: Tensor) -> Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-@functools.lru_cache(maxsize=2)
-def _inception(cfg: ExtractorConfig) -> torch.nn.Module:
+@functools.lru_cache(maxsize=4)
+def cached_inception(cfg: ExtractorConfig) -> torch.nn.Module:
+    """``build_inception(cfg)``, built once per process (evals during training, benchmarks)."""
     return build_inception(cfg)
 
 
-@functools.lru_cache(maxsize=2)
-def _clip(cfg: ExtractorConfig) -> ClipModel:
+@functools.lru_cache(maxsize=4)
+def cached_clip(cfg: ExtractorConfig) -> ClipModel:
+    """``build_clip(cfg)``, built once per process."""
     return build_clip(cfg)
 
 
@@ -208,12 +210,12 @@ class _Extractors:
     @torch.no_grad()
     def inception(self, images: Tensor) -> Tensor:
         if self._inception is None:
-            self._inception = _inception(self.cfg).to(self.device)
+            self._inception = cached_inception(self.cfg).to(self.device)
         return self._inception(images.to(self.device)).float().cpu()
 
     def clip(self) -> ClipModel:
         if self._clip is None:
-            self._clip = _clip(self.cfg).to(self.device)
+            self._clip = cached_clip(self.cfg).to(self.device)
         return self._clip
 
 
