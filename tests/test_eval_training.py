@@ -18,6 +18,7 @@ from PIL import Image
 from sdtrain.data.synthetic import SyntheticSpec, write_synthetic_shards
 from sdtrain.errors import ConfigError
 from sdtrain.launch.cli import main
+from sdtrain.trainer.eval_callback import EvalCallback
 from sdtrain.trainer.experiment import ExperimentConfig, load_config
 from sdtrain.trainer.fit import fit
 
@@ -129,11 +130,13 @@ def test_eval_section_needs_inputs_and_a_text_to_image_model(inputs: dict[str, P
     with pytest.raises(ConfigError, match=r"is needed when eval\.every_n_steps > 0") as caught:
         load_config([ROOT / "configs/experiments/tiny-base.yaml"], ["eval.every_n_steps=5"])
     assert caught.value.key == "eval.prompts"
-    with pytest.raises(ConfigError, match=r"no InceptionV3 weights at .*eval\.inception_weights"):
-        load_config([ROOT / "configs/experiments/tiny-base.yaml"], [
-            "eval.every_n_steps=5", "eval.prompts=p.txt", "eval.reference=ref",
-            "eval.inception_weights=/nonexistent/inception.pth",
-        ])  # fmt: skip
+    # Weights files are checked when training starts (a run's config loads again elsewhere).
+    cfg = load_config([ROOT / "configs/experiments/tiny-base.yaml"], [
+        "eval.every_n_steps=5", "eval.prompts=p.txt", "eval.reference=ref",
+        "eval.inception_weights=/nonexistent/inception.pth", "eval.clip_weights=clip.pt",
+    ])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"no file at /nonexistent/inception\.pth: set eval\."):
+        EvalCallback(cfg, inputs["root"] / "unused")
     with pytest.raises(ConfigError, match=r"inpainting model .*eval measures text-to-image"):
         load_config([ROOT / "configs/experiments/tiny-inpainting.yaml"], [
             "eval.every_n_steps=5", f"eval.prompts={inputs['prompts']}", "eval.reference=ref",

@@ -84,17 +84,25 @@ class TrainingEvalConfig:
         for key in ("prompts", "reference"):
             if not getattr(self, key):
                 raise ConfigError("is needed when eval.every_n_steps > 0", key=key)
-        if self.extractor_seed < 0:
-            inception = Path(self.inception_weights or inception_cache_path())
-            if not inception.is_file():
+        if self.extractor_seed < 0 and not self.clip_weights:
+            raise ConfigError(f"set it to the open_clip {self.clip_model} state dict file",
+                              key="clip_weights")  # fmt: skip
+
+    def check_files(self) -> None:
+        """The weights files are there (checked when training starts, not when a config loads:
+        a run's config is loaded again to sample or export it, maybe on another machine)."""
+        if not self.every_n_steps or self.extractor_seed >= 0:
+            return
+        inception = Path(self.inception_weights or inception_cache_path())
+        for key, path in (("eval.inception_weights", inception),
+                          ("eval.clip_weights", Path(self.clip_weights))):  # fmt: skip
+            if not path.is_file():
                 raise ConfigError(
-                    f"no InceptionV3 weights at {inception}: set eval.inception_weights to the "
-                    "pt_inception-2015-12-05 file (sdtrain never downloads weights)",
-                    key="inception_weights",
+                    f"no file at {path}: set {key} to the "
+                    f"{'pt_inception-2015-12-05' if 'inception' in key else self.clip_model} "
+                    "weights (sdtrain never downloads weights)",
+                    key=key,
                 )
-            if not self.clip_weights:
-                raise ConfigError(f"set it to the open_clip {self.clip_model} state dict file",
-                                  key="clip_weights")  # fmt: skip
 
     def check_against(self, model: ModelConfig, data_size: int, strategy: str) -> None:
         """Cross-section rules (called by ``ExperimentConfig``): a text-to-image model, a sample

@@ -50,6 +50,7 @@ def metric_name(key: str, scale: float) -> str:
 
 class EvalCallback(Callback):
     def __init__(self, cfg: ExperimentConfig, run_dir: Path) -> None:
+        cfg.eval.check_files()
         self.cfg = cfg
         self.root = Path(run_dir).resolve() / "eval"
         self.settings = cfg.eval.eval_config(cfg.data.image.size, self.root / "cache")
