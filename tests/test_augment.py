@@ -35,10 +35,16 @@ def test_the_same_seed_gives_the_same_draw_and_another_seed_another() -> None:
     _, mask, depth = square_scene()
     first = build_augment(entries, 64, 64)
     second = build_augment(entries, 64, 64)  # another instance: nothing carried between calls
-    a = first(image, np.random.default_rng([7, 1]), mask, depth)
-    first(image, np.random.default_rng([99]), mask, depth)  # a draw in between changes nothing
-    b = second(image, np.random.default_rng([7, 1]), mask, depth)
-    c = first(image, np.random.default_rng([7, 2]), mask, depth)
+
+    def run(augment, seed) -> list[torch.Tensor]:
+        out_image, (out_mask,), out_depth = augment(image, np.random.default_rng(seed), [mask],
+                                                    depth)  # fmt: skip
+        return [out_image, out_mask, out_depth]
+
+    a = run(first, [7, 1])
+    run(first, [99])  # a draw in between changes nothing
+    b = run(second, [7, 1])
+    c = run(first, [7, 2])
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0], c[0]) and not torch.equal(a[1], c[1])
     assert a[0].dtype == torch.uint8 and a[0].shape == (3, 64, 64) and a[0].is_contiguous()
@@ -51,11 +57,16 @@ def test_a_shift_moves_image_mask_and_depth_together() -> None:
     image, mask, depth = square_scene()
     shift = build_augment([{"name": "Affine", "translate_px": {"x": [5, 5], "y": [-3, -3]},
                             "p": 1.0}], 64, 64)  # fmt: skip
-    out_image, out_mask, out_depth = shift(image, np.random.default_rng(0), mask, depth)
+    out_image, (out_mask, out_loss_mask), out_depth = shift(
+        image, np.random.default_rng(0), [mask, torch.ones_like(mask)], depth
+    )
     expected = torch.zeros(64, 64, dtype=torch.uint8)
     expected[17:37, 17:41] = 1  # 3 px up, 5 px right, borders filled with 0
     assert torch.equal(out_mask[0], expected)
     assert torch.equal(out_depth[0], expected.float())
+    kept = torch.zeros(64, 64, dtype=torch.uint8)  # a loss mask: the filled border counts 0
+    kept[:61, 5:] = 1
+    assert torch.equal(out_loss_mask[0], kept)
     assert torch.equal((out_image > 127).to(torch.uint8), expected.expand(3, 64, 64))
 
 
@@ -66,14 +77,15 @@ def test_random_geometry_keeps_the_mask_on_the_image_and_colour_leaves_it_alone(
                {"name": "ColorJitter", "brightness": 0.2, "p": 1.0}]  # fmt: skip
     augment = build_augment(entries, 64, 64)
     for seed in range(5):
-        out_image, out_mask, out_depth = augment(image, np.random.default_rng(seed), mask, depth)
+        out_image, (out_mask,), out_depth = augment(image, np.random.default_rng(seed), [mask],
+                                                    depth)  # fmt: skip
         assert not torch.equal(out_mask, mask)
         bright = out_image[0] > 100  # the square after a 0.8-1.2 brightness change
         agree = (bright == out_mask[0].bool()).float().mean()
         assert agree > 0.97, f"seed {seed}: the image and its mask disagree on {1 - agree:.1%}"
         assert torch.equal(out_depth[0] > 0.5, out_mask[0].bool())
     jitter = build_augment([{"name": "ColorJitter", "brightness": 0.5, "p": 1.0}], 64, 64)
-    out_image, out_mask, out_depth = jitter(image, np.random.default_rng(1), mask, depth)
+    out_image, (out_mask,), out_depth = jitter(image, np.random.default_rng(1), [mask], depth)
     assert torch.equal(out_mask, mask) and torch.equal(out_depth, depth)
     assert not torch.equal(out_image, image)
 

@@ -285,6 +285,78 @@ def test_the_loader_resumes_at_its_position_in_the_shuffled_list(tmp_path: Path)
             assert torch.equal(got[name], want[name]), name
 
 
+def test_loss_masks_from_files(tmp_path: Path) -> None:
+    folder = image_folder(tmp_path / "set", 2)
+    top = np.zeros((64, 64), np.uint8)
+    top[:16] = 255
+    Image.fromarray(top).save(folder / "img0.mask.png")
+    by_key = {s["key"]: s for s in one_pass(folder_cfg(folder, loss_mask=True))[0]}
+    expected = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    expected[:, :16] = 1
+    assert torch.equal(by_key["img0"]["loss_mask"], expected)
+    assert torch.equal(by_key["sub/img1"]["loss_mask"], torch.ones(1, 64, 64, dtype=torch.uint8))
+    assert "mask" not in by_key["img0"]  # the inpainting input is data.masks' business
+    with pytest.raises(ConfigError, match="latent shards hold no mask files"):
+        DataConfig(shards=["x.tar"], latents=True, loss_mask=True)
+
+
+def test_the_masked_loss_averages_over_the_masked_pixels_only() -> None:
+    from sdtrain.diffusion.loss import diffusion_loss, latent_weights
+    from sdtrain.diffusion.schedule import DiffusionConfig, NoiseSchedule
+
+    schedule = NoiseSchedule(DiffusionConfig())
+    g = torch.Generator().manual_seed(0)
+    prediction, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500])
+    mask = torch.zeros(2, 1, 64, 64, dtype=torch.uint8)
+    mask[0, :, :32] = 1  # sample 0: the top half counts; sample 1: nothing counts
+    weights = latent_weights(mask, (8, 8))
+    assert torch.equal(weights[0, 0, :4], torch.ones(4, 8)) and not weights[0, 0, 4:].any()
+    expected = ((prediction[0, :, :4] - target[0, :, :4]) ** 2).mean() / 2  # batch mean, 0 for #1
+    loss = diffusion_loss(schedule, prediction, target, t, weights)
+    assert torch.allclose(loss, expected)
+    changed = prediction.clone()
+    changed[0, :, 4:] += 10  # outside the mask: no effect
+    changed[1] += 10
+    assert torch.allclose(diffusion_loss(schedule, changed, target, t, weights), expected)
+    ones = torch.ones(2, 1, 8, 8)
+    assert torch.allclose(
+        diffusion_loss(schedule, prediction, target, t, ones),
+        diffusion_loss(schedule, prediction, target, t),
+    )
+
+
+def test_a_fit_with_data_loss_mask_weighs_the_loss_by_the_files(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import sdtrain.trainer.module as module
+    from sdtrain.trainer.fit import fit
+
+    folder = image_folder(tmp_path / "set", 2)
+    left = np.zeros((64, 64), np.uint8)
+    left[:, :32] = 255
+    for key in ("img0", "sub/img1"):
+        Image.fromarray(left).save(folder / f"{key}.mask.png")
+    seen = []
+    original = module.diffusion_loss
+
+    def recording(schedule, prediction, target, t, pixel_weights=None):
+        seen.append(pixel_weights)
+        return original(schedule, prediction, target, t, pixel_weights)
+
+    monkeypatch.setattr(module, "diffusion_loss", recording)
+    cfg = load_config([EXPERIMENTS / "tiny-lora-folder.yaml"],
+                      [f"data.folder={folder}", f"run.dir={tmp_path / 'run'}", "data.augment=[]",
+                       "data.loss_mask=true", "data.num_workers=0", "logging.wandb=false",
+                       "trainer.max_steps=1", "checkpoint.every_n_steps=1"])  # fmt: skip
+    fit(cfg)
+    assert seen and seen[0] is not None
+    weights = seen[0]
+    assert weights.shape == (4, 1, 8, 8)  # 2 images x data.repeats 2, data.batch_size 4
+    assert (weights[..., :4] == 1).all() and not weights[..., 4:].any()
+    assert (tmp_path / "run" / "checkpoints" / "step=00000001.ckpt").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Training end to end, data stats
 # ---------------------------------------------------------------------------------------------

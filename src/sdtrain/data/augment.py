@@ -6,10 +6,11 @@ parameters are checked when the config loads: an unknown transform, an unknown p
 albumentations refuses, or a transform that cannot run on an image with its mask and depth map
 at the output size (it needs boxes, or it changes the size) is a ``ConfigError`` naming the entry.
 
-Where: after the loader's crop, on the uint8 (H, W) image the model sees, with the sample's mask
-and depth map as albumentations *mask* targets. Geometric transforms move all three together
-(masks and depth maps nearest-interpolated, borders filled with 0: keep, for the mask), pixel
-transforms (colour, blur, noise) touch the image only. The crop-first fast path (decode at
+Where: after the loader's crop, on the uint8 (H, W) image the model sees, with the sample's masks
+(inpainting, loss) and depth map as albumentations *mask* targets. Geometric transforms move them
+together (masks and depth maps nearest-interpolated, borders filled with 0: keep for an
+inpainting mask, not counted for a loss mask), pixel transforms (colour, blur, noise) touch the
+image only. The crop-first fast path (decode at
 reduced size, resize only the window) stays as it is, and with an empty list nothing runs.
 
 Determinism: albumentations draws from generators of its own (one per transform, plus the
@@ -96,7 +97,7 @@ def _build_one(A: Any, index: int, entry: Any, height: int, width: int) -> Any:
         trial.set_random_seed(0)
         out = trial(
             image=np.zeros((height, width, 3), np.uint8),
-            mask=np.zeros((height, width), np.uint8),
+            masks=[np.zeros((height, width), np.uint8)],
             **{_DEPTH_TARGET: np.zeros((height, width), np.float32)},
         )
     except Exception as exc:  # pydantic's ValidationError, TypeError, a missing target...
@@ -107,7 +108,7 @@ def _build_one(A: Any, index: int, entry: Any, height: int, width: int) -> Any:
             f"depth map: {type(exc).__name__}: {first}",
             key=key,
         ) from None
-    shapes = (out["image"].shape, out["mask"].shape, out[_DEPTH_TARGET].shape)
+    shapes = (out["image"].shape, out["masks"][0].shape, out[_DEPTH_TARGET].shape)
     if shapes != ((height, width, 3), (height, width), (height, width)):
         raise ConfigError(
             f"{name} changes the size ({height}x{width} -> {shapes[0][0]}x{shapes[0][1]}); "
@@ -127,25 +128,25 @@ class Augment:
         self,
         image: torch.Tensor,
         rng: np.random.Generator,
-        mask: torch.Tensor | None = None,
+        masks: Sequence[torch.Tensor] = (),
         depth: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """``image`` (3, H, W) uint8, ``mask`` (1, H, W) uint8, ``depth`` (1, H, W) float32 ->
-        the same, augmented together; every draw is seeded from one number drawn from ``rng``."""
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """``image`` (3, H, W) uint8, ``masks`` each (1, H, W) uint8 (inpainting, loss masks),
+        ``depth`` (1, H, W) float32 -> the same, augmented together; every draw is seeded from
+        one number drawn from ``rng``."""
         self.compose.set_random_seed(int(rng.integers(2**32)))
         # cv2 moves between planar and interleaved uint8 ~10x faster than numpy or torch copies
-        inputs: dict[str, np.ndarray] = {"image": cv2.merge(list(image.numpy()))}  # (H, W, 3)
-        if mask is not None:
-            inputs["mask"] = mask[0].numpy()  # (H, W)
+        inputs: dict[str, Any] = {"image": cv2.merge(list(image.numpy()))}  # (H, W, 3)
+        if masks:
+            inputs["masks"] = [mask[0].numpy() for mask in masks]  # each (H, W)
         if depth is not None:
             inputs[_DEPTH_TARGET] = depth[0].numpy()  # (H, W)
         out = self.compose(**inputs)
         image = torch.from_numpy(np.stack(cv2.split(out["image"])))  # (3, H, W) uint8
-        if mask is not None:
-            mask = torch.from_numpy(np.ascontiguousarray(out["mask"]))[None]  # (1, H, W)
+        moved = [torch.from_numpy(np.ascontiguousarray(m))[None] for m in out.get("masks", [])]
         if depth is not None:
             depth = torch.from_numpy(np.ascontiguousarray(out[_DEPTH_TARGET]))[None]
-        return image, mask, depth
+        return image, moved, depth
 
 
 def build_augment(entries: Sequence[Any], height: int, width: int) -> Augment:

@@ -192,6 +192,11 @@ class DataConfig:
     """Inpainting masks."""
     depth: DepthConfig = field(default_factory=DepthConfig)
     """Depth maps."""
+    loss_mask: bool = False
+    """A masked loss: each sample's mask file (a folder's ``<name>.mask.png``, a shard's
+    ``mask.png`` member; white = counts) becomes ``loss_mask`` and the diffusion loss averages
+    over those pixels only (at latent size); a sample without one counts everywhere. Independent
+    of ``masks`` (the inpainting model's input), which may read the same file."""
     augment: list[dict[str, Any]] = field(default_factory=list)
     """Albumentations transforms applied at the output size to the image, its mask and depth map
     (``data/augment.py``), each ``{name: <transform class>, <parameter>: <value>, ...}``, e.g.
@@ -243,6 +248,11 @@ class DataConfig:
                 "latent shards are shards: make shards of the folder (sdtrain data make-shards), "
                 "encode them (sdtrain data encode) and train on those",
                 key="source",
+            )
+        if self.latents and self.loss_mask:
+            raise ConfigError(
+                "loss masks are read with the images; latent shards hold no mask files",
+                key="loss_mask",
             )
         if self.latents and self.augment:
             raise ConfigError(

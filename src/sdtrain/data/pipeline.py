@@ -566,9 +566,26 @@ class WorkerStream:
             if depth is None:
                 return None
             sample["depth"] = depth
+        if self.cfg.loss_mask:  # data.loss_mask: the pixels the loss counts (1), from the file
+            loss_mask = self._loss_mask(raw, info, where, size)
+            if loss_mask is None:
+                return None
+            sample["loss_mask"] = loss_mask  # (1, H, W) uint8 {0, 1}
         if self.augment is not None:  # data.augment: image, mask and depth map together
             self._augment(sample, rng)
         return sample
+
+    def _loss_mask(
+        self, raw: RawSample, info: CropInfo, where: str, size: tuple[int, int]
+    ) -> torch.Tensor | None:
+        """The sample's mask file cropped like its image, else every pixel counts."""
+        if MASK_MEMBER not in raw.members:
+            return torch.ones(1, *size, dtype=torch.uint8)
+        try:
+            return load_mask(raw.members[MASK_MEMBER], info, *size)
+        except ImageDecodeError as err:
+            self._error("bad_mask", where, str(err))
+            return None
 
     def _mask(
         self,
@@ -590,12 +607,13 @@ class WorkerStream:
 
     def _augment(self, sample: dict[str, Any], rng: np.random.Generator) -> None:
         assert self.augment is not None
-        image, mask, depth = self.augment(
-            sample["image"], rng, sample.get("mask"), sample.get("depth")
-        )
+        image, masks, depth = self.augment(
+            sample["image"], rng, [sample[k] for k in ("mask", "loss_mask") if k in sample],
+            sample.get("depth"),
+        )  # fmt: skip
         sample["image"] = image
-        if mask is not None:
-            sample["mask"] = mask
+        for key, mask in zip([k for k in ("mask", "loss_mask") if k in sample], masks, strict=True):
+            sample[key] = mask
         if depth is not None:
             sample["depth"] = depth
 

@@ -3,11 +3,13 @@
 The loss is the original ``p_losses`` with ``l_simple_weight = 1`` and ``original_elbo_weight = 0``:
 squared error averaged over C, H, W, then a weighted mean over the batch. Offset noise and
 min-SNR-gamma weighting are opt-in (``DiffusionConfig``); with both off this is the original.
+A masked loss (``data.loss_mask``) averages over the pixels its per-pixel weights keep instead.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from sdtrain.diffusion.schedule import NoiseSchedule
 
@@ -40,11 +42,32 @@ def min_snr_weights(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> t
     return schedule.parameterization.loss_weights(snr.clamp(max=gamma), snr)
 
 
+def latent_weights(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, h, w) in [0, 1] at latent size from (B, 1, H, W) {0, 1}
+    masks (1 = counts): the fraction of each latent pixel's image pixels that count."""
+    return F.interpolate(mask.float(), size=size, mode="area")
+
+
 def diffusion_loss(
-    schedule: NoiseSchedule, prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor
+    schedule: NoiseSchedule,
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    t: torch.Tensor,
+    pixel_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scalar loss: MSE over C, H, W per sample, weighted (min-SNR when configured), batch mean."""
-    per_sample = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, target.ndim)))
+    """Scalar loss: MSE over C, H, W per sample, weighted (min-SNR when configured), batch mean.
+
+    ``pixel_weights`` (B, 1, h, w) make the per-sample MSE a weighted mean over the pixels (a
+    masked loss: ``latent_weights``); a sample whose weights are all 0 contributes 0.
+    """
+    error = (prediction.float() - target.float()).pow(2)  # (B, C, h, w)
+    dims = tuple(range(1, target.ndim))
+    if pixel_weights is None:
+        per_sample = error.mean(dim=dims)
+    else:
+        weights = pixel_weights.to(error.device, error.dtype)  # (B, 1, h, w)
+        total = (weights.sum(dim=dims) * error.shape[1]).clamp(min=torch.finfo(error.dtype).tiny)
+        per_sample = (error * weights).sum(dim=dims) / total
     gamma = schedule.config.min_snr_gamma
     if gamma > 0:
         per_sample = per_sample * min_snr_weights(schedule, t, gamma).to(per_sample.device)

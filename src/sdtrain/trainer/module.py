@@ -20,7 +20,7 @@ from sdtrain.config.loader import to_yaml
 from sdtrain.data.latents import text_fingerprint, vae_fingerprint
 from sdtrain.data.pipeline import LOADER_STATE_KEY, LaionLoader
 from sdtrain.data.transforms import to_model_images
-from sdtrain.diffusion.loss import diffusion_loss, sample_noise
+from sdtrain.diffusion.loss import diffusion_loss, latent_weights, sample_noise
 from sdtrain.errors import ConfigError, DataError
 from sdtrain.models.autoencoder import DiagonalGaussian
 from sdtrain.models.stable_diffusion import StableDiffusion
@@ -171,9 +171,12 @@ class LatentDiffusionModule(pl.LightningModule):
             unet_in = unet_in.contiguous(memory_format=torch.channels_last)
         prediction = model.unet(unet_in, t, context, **cond.kwargs)
         target = model.schedule.target(latents, t, noise)
+        weights = None  # data.loss_mask: the loss over the pixels of each sample's mask file
+        if "loss_mask" in batch:  # (B, 1, H, W); the instance samples only with class images
+            weights = latent_weights(batch["loss_mask"].to(self.device), latents.shape[-2:])
         if split is None:
-            return diffusion_loss(model.schedule, prediction, target, t)
-        own = diffusion_loss(model.schedule, prediction[:split], target[:split], t[:split])
+            return diffusion_loss(model.schedule, prediction, target, t, weights)
+        own = diffusion_loss(model.schedule, prediction[:split], target[:split], t[:split], weights)
         prior = diffusion_loss(model.schedule, prediction[split:], target[split:], t[split:])
         self.log("train/instance_loss", own, on_step=True, batch_size=split)
         self.log("train/prior_loss", prior, on_step=True, batch_size=b - split)
