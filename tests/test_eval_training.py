@@ -142,3 +142,24 @@ def test_eval_section_needs_inputs_and_a_text_to_image_model(inputs: dict[str, P
             "eval.every_n_steps=5", f"eval.prompts={inputs['prompts']}", "eval.reference=ref",
             "eval.extractor_seed=0",
         ])  # fmt: skip
+
+
+def test_a_resumed_run_keeps_the_earlier_evals(
+    evaluated_run: Path, inputs: dict[str, Path]
+) -> None:
+    """(Last: it extends the module's run.) Resumed to step 4, the run evaluates step 4 and keeps
+    step 2's rows, numbers as numbers, in RUN/eval/metrics.csv and the settings folder."""
+    before = (evaluated_run / "eval" / "metrics.csv").read_text().splitlines()
+    fit(experiment(inputs, evaluated_run, "eval.every_n_steps=2", "trainer.max_steps=4",
+                   "resume=auto"))  # fmt: skip
+    after = (evaluated_run / "eval" / "metrics.csv").read_text().splitlines()
+    assert after[: len(before)] == before
+    with (evaluated_run / "eval" / "metrics.csv").open() as handle:
+        assert [(r["step"], r["scale"]) for r in csv.DictReader(handle)] == [
+            ("2", "1.0"), ("2", "4.0"), ("4", "1.0"), ("4", "4.0")]  # fmt: skip
+    (folder,) = [p for p in (evaluated_run / "eval").iterdir() if p.is_dir() and p.name != "cache"]
+    rows = json.loads((folder / "metrics.json").read_text())
+    assert [Path(r["checkpoint"]).name for r in rows] == ["step=00000002"] * 2 + [
+        "step=00000004"
+    ] * 2
+    assert all(isinstance(r["fid"], float) and isinstance(r["num"], int) for r in rows)

@@ -44,6 +44,20 @@ def eval_callbacks(cfg: ExperimentConfig, run_dir: Path) -> list[Callback]:
     return [EvalCallback(cfg, run_dir)] if cfg.eval.every_n_steps > 0 else []
 
 
+INT_COLUMNS = ("step", "steps", "num", "size", "seed", "reference_num")
+FLOAT_COLUMNS = ("scale", "fid", "kid", "kid_std", "clip_score", "seconds")
+
+
+def _typed(row: dict[str, str]) -> dict[str, object]:
+    """A row read back from CSV with its numbers as numbers again."""
+    out: dict[str, object] = dict(row)
+    for key in INT_COLUMNS:
+        out[key] = int(row[key])
+    for key in FLOAT_COLUMNS:
+        out[key] = float(row[key])
+    return out
+
+
 def metric_name(key: str, scale: float) -> str:
     return f"eval/{key}_scale{scale:g}"
 
@@ -116,7 +130,7 @@ class EvalCallback(Callback):
         if not path.is_file():
             return []
         with path.open() as handle:
-            return list(csv.DictReader(handle))
+            return [_typed(row) for row in csv.DictReader(handle)]
 
     def _write_csv(self) -> None:
         buffer = io.StringIO()
