@@ -26,6 +26,7 @@ from pytorch_lightning.callbacks import Callback
 
 from sdtrain.trainer.experiment import load_config
 from sdtrain.trainer.fit import build_module, build_trainer, prepare_run
+from sdtrain.trainer.fsdp import clean_name, full_parameters
 from sdtrain.trainer.module import LatentDiffusionModule
 
 
@@ -53,9 +54,16 @@ class ReplicaCheck(Callback):
 
     def _snapshot(self, module: LatentDiffusionModule) -> dict[str, Any]:
         ema = module.ema
+        # FSDP: the whole weights, names without its wrappers; copies, since FSDP frees the
+        # gathered storage afterwards, which numpy views (in checksum) would forbid
+        with full_parameters(module):
+            unet = [
+                (clean_name(n), p.detach().clone()) for n, p in module.model.unet.named_parameters()
+            ]
+        unet_sum = checksum(unet)
         return {
             "rank": module.global_rank,
-            "unet": checksum(module.model.unet.named_parameters()),
+            "unet": unet_sum,
             "unet_dtype": str(next(module.model.unet.parameters()).dtype),
             "ema": checksum(sorted(ema.shadow.items())) if ema is not None else None,
             "ema_updates": ema.num_updates if ema is not None else None,

@@ -59,6 +59,21 @@ def checkpoint_name(step: int) -> str:
     return f"step={step:08d}.ckpt"
 
 
+# An FSDP step checkpoint is a folder (trainer/fsdp.py): full.ckpt holds what a step file holds
+# but the optimiser, gathered on rank 0; shard-R-of-W.pt each rank's weight and AdamW shards.
+FSDP_FULL_FILE = "full.ckpt"
+
+
+def fsdp_shard_name(rank: int, world_size: int) -> str:
+    return f"shard-{rank}-of-{world_size}.pt"
+
+
+def weights_file(path: Path) -> Path:
+    """The file holding a step checkpoint's full weights: the checkpoint itself, or an FSDP
+    checkpoint folder's ``full.ckpt``."""
+    return path / FSDP_FULL_FILE if (path / FSDP_FULL_FILE).is_file() else path
+
+
 def step_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """Step checkpoints under their final names (atomic writes: a final name means the writer
     finished), oldest first. Temp files and integrity records never match."""
@@ -82,7 +97,7 @@ def nonfinite_record(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 def taken_during_streak(path: Path) -> int:
     """How many consecutive non-finite steps preceded ``path`` (0: healthy or no record)."""
     try:
-        record = files.read_integrity(path) or {}
+        record = files.read_integrity(weights_file(path)) or {}
     except CheckpointError:
         return 0
     return int(record.get("nonfinite_in_a_row", 0) or 0)
@@ -183,7 +198,7 @@ class StepCheckpoint(Callback):
 
 
 def remove_checkpoint(path: Path) -> None:
-    """A step checkpoint (file or DeepSpeed folder) and its integrity record."""
+    """A step checkpoint (file, or DeepSpeed / FSDP folder) and its integrity record."""
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -215,6 +230,7 @@ def open_training_checkpoint(path: Path) -> str:
 
     Raises ``CheckpointError`` (damaged, not a checkpoint) or ``NotATrainingCheckpoint``.
     """
+    path = weights_file(path)
     if path.is_dir():  # a DeepSpeed checkpoint folder: its own format, not verified here
         return ""
     if path.suffix.lower() not in TORCH_SUFFIXES:
@@ -435,7 +451,7 @@ def newest_checkpoint(src: PathLike) -> Path:
     """``src`` itself if it is a file, else the newest step checkpoint of a run folder
     (``RUN/checkpoints/step=*.ckpt``, or the ``checkpoints`` folder itself) that verifies."""
     path = Path(src)
-    if path.is_file():
+    if path.is_file() or weights_file(path) != path:  # a file, or an FSDP checkpoint folder
         return path
     if not path.exists():
         raise CheckpointError("no such run folder or checkpoint file", path)
@@ -459,7 +475,7 @@ def newest_checkpoint(src: PathLike) -> Path:
 def read_training_checkpoint(src: PathLike) -> TrainingCheckpoint:
     """Read a step checkpoint (or a run folder's newest that verifies) without running pickled
     code, after checking it against its integrity record."""
-    path = newest_checkpoint(src)
+    path = weights_file(newest_checkpoint(src))
     if path.suffix.lower() not in TORCH_SUFFIXES:
         raise NotATrainingCheckpoint(
             "is not a training checkpoint (those are step=NNNNNNNN.ckpt torch files)", path

@@ -54,6 +54,17 @@ class OptimConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """PyTorch FSDP (``trainer.strategy: fsdp``): the UNet is wrapped per block, the frozen
+    autoencoder and text encoder stay whole on every rank."""
+
+    sharding_strategy: Literal["SHARD_GRAD_OP", "FULL_SHARD"] = "SHARD_GRAD_OP"
+    """``SHARD_GRAD_OP`` (MosaicML's choice for SD 2): gradients and AdamW state sharded,
+    weights gathered once per step; ``FULL_SHARD``: weights sharded too (gathered per block in
+    forward and again in backward)."""
+
+
+@dataclass
 class TrainerConfig:
     """How the UNet is trained: steps, precision, distribution, memory savers."""
 
@@ -71,8 +82,11 @@ class TrainerConfig:
     """Devices (processes) per node."""
     num_nodes: int = 1
     """Nodes."""
-    strategy: Literal["auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3"] = "auto"
-    """Distribution: DDP by default with several devices, or DeepSpeed ZeRO stage 2 / 3."""
+    strategy: Literal["auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3", "fsdp"] = "auto"
+    """Distribution: DDP by default with several devices, DeepSpeed ZeRO stage 2 / 3, or
+    PyTorch FSDP (``trainer.fsdp``; docs/distributed.md says which to choose)."""
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    """FSDP options (used with ``strategy: fsdp``)."""
     gradient_checkpointing: bool = False
     """Recompute UNet activations in the backward pass."""
     channels_last: bool = False
@@ -100,6 +114,13 @@ class TrainerConfig:
             raise ConfigError("must be >= 0 (0 = off)", key="gradient_clip_val")
         if self.strategy.startswith("deepspeed") and self.precision == "16-mixed":
             raise ConfigError("DeepSpeed runs here in 32 or bf16-mixed only", key="precision")
+        if self.strategy == "fsdp" and self.gradient_clip_val:
+            raise ConfigError(
+                "gradient clipping is not available with strategy fsdp (Lightning's FSDP "
+                "precision plugin refuses clip-by-norm); set trainer.gradient_clip_val=0 or use "
+                "ddp / deepspeed_stage_2",
+                key="gradient_clip_val",
+            )
 
 
 @dataclass

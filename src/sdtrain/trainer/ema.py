@@ -19,6 +19,8 @@ from torch import nn
 from sdtrain.errors import ConfigError
 from sdtrain.utils.checks import require_finite
 
+FSDP_PREFIX = "_fsdp_wrapped_module."
+
 
 @dataclass
 class EMAConfig:
@@ -59,7 +61,8 @@ class EMA:
         """One EMA step towards ``module``'s current parameters."""
         decay = self.current_decay()
         self.num_updates += 1
-        params = dict(module.named_parameters())
+        # FSDP inserts "_fsdp_wrapped_module." into the names of the blocks it wraps
+        params = {n.replace(FSDP_PREFIX, ""): p for n, p in module.named_parameters()}
         shadows = list(self.shadow.values())
         current = [
             params[name].detach().to(s.device, torch.float32) for name, s in self.shadow.items()

@@ -81,6 +81,8 @@ class ExperimentConfig:
             _check_lora_targets(self)
         elif self.init_lora:
             raise ConfigError("needs finetune.method: lora", key="init_lora")
+        if self.trainer.strategy == "fsdp":
+            _check_fsdp(self)
         self.eval.check_against(self.model, self.data.image.size, self.trainer.strategy)
         if self.data.buckets.enabled:  # every bucket must pass the UNet's down / up sampling
             _check_buckets(self)
@@ -102,6 +104,24 @@ def load_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> E
     """Merge experiment files ``paths`` in order (each with its ``include:`` files), apply
     ``overrides`` (``a.b=value``); return the checked ``ExperimentConfig``."""
     return load_dataclass(ExperimentConfig, paths, overrides)
+
+
+def _check_fsdp(cfg: ExperimentConfig) -> None:
+    """What FSDP does not cover here (docs/distributed.md): periodic validation (it samples on
+    rank 0 alone, but FSDP's forward needs every rank) and LoRA (a few MB of trained weights:
+    DDP is the strategy for it)."""
+    if cfg.validation.every_n_steps:
+        raise ConfigError(
+            "periodic validation is not available with trainer.strategy=fsdp; set "
+            "validation.every_n_steps=0 (evaluate exported checkpoints with sdtrain eval) or "
+            "train with ddp / deepspeed_stage_2",
+            key="validation.every_n_steps",
+        )
+    if cfg.finetune.method == "lora":
+        raise ConfigError(
+            "LoRA trains a few MB of adapter weights: use trainer.strategy=ddp, not fsdp",
+            key="trainer.strategy",
+        )
 
 
 def _check_buckets(cfg: ExperimentConfig) -> None:

@@ -43,8 +43,8 @@ from sdtrain.trainer.checkpoints import (
 )
 from sdtrain.trainer.eval_callback import eval_callbacks
 from sdtrain.trainer.experiment import ExperimentConfig
+from sdtrain.trainer.fsdp import fsdp_strategy
 from sdtrain.trainer.module import LatentDiffusionModule, NonFiniteError, effective_batch_line
-from sdtrain.trainer.prior import DreamBooth, class_image_dir
 from sdtrain.trainer.preemption import (
     PreemptionCallback,
     RunInterrupted,
@@ -53,6 +53,7 @@ from sdtrain.trainer.preemption import (
     in_slurm_step,
     signal_name,
 )
+from sdtrain.trainer.prior import DreamBooth, class_image_dir
 from sdtrain.trainer.run_lock import RunLock
 from sdtrain.trainer.validation import validation_callbacks
 from sdtrain.utils import files
@@ -285,6 +286,8 @@ def build_trainer(
         strategy = pl.strategies.DDPStrategy(find_unused_parameters=False)
     if t.strategy.startswith("deepspeed"):
         strategy = deepspeed_strategy(int(t.strategy[-1]), t.precision)
+    if t.strategy == "fsdp":
+        strategy = fsdp_strategy(t)  # UNet per block, frozen parts whole (trainer/fsdp.py)
     if in_slurm_step():
         # Preemption is ours (PreemptionCallback): checkpoint in the run folder, then requeue.
         plugins.append(SLURMEnvironment(auto_requeue=False))

@@ -26,6 +26,7 @@ from sdtrain.models.autoencoder import DiagonalGaussian
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.ema import EMA
 from sdtrain.trainer.experiment import ExperimentConfig
+from sdtrain.trainer.fsdp import full_parameters, global_norm
 from sdtrain.trainer.prior import DreamBooth
 
 log = logging.getLogger("sdtrain.trainer")
@@ -254,6 +255,7 @@ class LatentDiffusionModule(pl.LightningModule):
             self._step_skipped = not zero
             return
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norm = global_norm(norm, self)  # FSDP: each rank holds shards of the gradients
         if not torch.isfinite(norm) and self.cfg.trainer.precision != "16-mixed":
             # fp16's GradScaler skips overflowing steps itself; elsewhere we skip the step.
             optimizer.zero_grad(set_to_none=True)
@@ -268,7 +270,8 @@ class LatentDiffusionModule(pl.LightningModule):
         self._step_skipped = False
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None and not self._step_skipped:
-            self.ema.update(self.model.unet)
+            with full_parameters(self):  # FSDP: the EMA is of the whole weights
+                self.ema.update(self.model.unet)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True, on_step=True)
 
     def _count_nonfinite(self, what: str) -> None:
