@@ -372,14 +372,6 @@ def test_heldout_shards_stay_image_shards() -> None:
     assert cfg.data.latents and not heldout.latents and not heldout.text_embeddings
 
 
-def test_latents_with_buckets_is_a_config_error() -> None:
-    from sdtrain.errors import ConfigError
-
-    with pytest.raises(ConfigError, match=r"buckets\.enabled.*data\.latents"):
-        load_config([EXPERIMENTS / "tiny-base.yaml"],
-                    ["data.latents=true", "data.buckets.enabled=true"])  # fmt: skip
-
-
 def test_depth_latent_shards_keep_the_cropped_depth_map(tmp_path: Path, monkeypatch) -> None:
     for key in RANK_VARS:
         monkeypatch.delenv(key, raising=False)

@@ -235,12 +235,6 @@ class DataConfig:
         require_range(self, "error_rate_min_samples", low=0)
         if self.text_embeddings and not self.latents:
             raise ConfigError("needs data.latents: true (latent shards)", key="text_embeddings")
-        if self.latents and self.buckets.enabled:
-            raise ConfigError(
-                "cannot be used with data.latents yet: latent shards hold every sample at "
-                "data.image's one size (sdtrain data encode crops to it)",
-                key="buckets.enabled",
-            )
         require_range(self, "seed", low=0, high=2**32 - 1)
         require_range(self, "repeats", low=1)
         if self.latents and self.source == "folder":
