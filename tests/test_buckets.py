@@ -54,7 +54,8 @@ def shards(tmp_path_factory) -> str:
 
 def bucket_cfg(shards: str, **changes) -> DataConfig:
     base = dict(
-        shards=[shards] if shards else [], batch_size=3, num_workers=0, shuffle_buffer=8, resampled=False,
+        shards=[shards] if shards else [], batch_size=3, num_workers=0, shuffle_buffer=8,
+        resampled=False,
         image=ImageConfig(size=64), filters=FilterConfig(min_size=0),
         buckets=BucketConfig(enabled=True, step=16),
     )  # fmt: skip
@@ -410,6 +411,20 @@ def test_data_stats_buckets_prints_counts_per_bucket_and_the_share_dropped(
     assert main([*argv, "--json"]) == EXIT_OK
     record = json.loads(capsys.readouterr().out)
     assert record["buckets"] == dict(expected) and record["rejected"]["upscale"] == dropped
+
+
+def test_data_preview_rows_of_different_buckets_stack() -> None:
+    from sdtrain.launch.data_cli import preview_rows
+
+    samples = [
+        {"image": torch.full((3, h, w), 200, dtype=torch.uint8), "key": str(i), "caption": "x"}
+        for i, (h, w) in enumerate([(48, 80), (64, 64), (80, 48)])
+    ]
+    samples[1]["mask"] = torch.ones(1, 64, 64, dtype=torch.uint8)
+    grid = np.asarray(preview_rows(samples))
+    assert grid.shape == (48 + 64 + 80, 4 * 80, 3)  # columns as wide as the widest sample
+    assert (grid[48:112, 80:144] == 255).all()  # row 2's mask panel: all white
+    assert (grid[48:112, 160:224] == 128).all()  # ... and its masked image mid-grey
 
 
 # ---------------------------------------------------------------------------------------------

@@ -301,17 +301,20 @@ def print_bucket_stats(cfg: DataConfig, stats: Any) -> None:
 
 def preview_rows(batch_samples: Sequence[Mapping[str, Any]]) -> Any:
     """Grid of one row per sample: image | mask (white = repaint) | masked image (mid-grey where
-    masked, which is ``image * (1 - mask)`` in the model's [-1, 1] range) | ``key: caption``."""
+    masked, which is ``image * (1 - mask)`` in the model's [-1, 1] range) | ``key: caption``.
+    Rows may differ in size (``data.buckets``): columns are as wide as the widest sample."""
     import numpy as np
     from PIL import Image
 
-    first = batch_samples[0]["image"]
-    height, width = int(first.shape[1]), int(first.shape[2])
-    grid = Image.new("RGB", (4 * width, len(batch_samples) * height), "white")
-    for row, sample in enumerate(batch_samples):
+    width = max(int(sample["image"].shape[2]) for sample in batch_samples)
+    total = sum(int(sample["image"].shape[1]) for sample in batch_samples)
+    grid = Image.new("RGB", (4 * width, total), "white")
+    top = 0
+    for sample in batch_samples:
         image = sample["image"].permute(1, 2, 0).numpy()  # (H, W, 3) uint8
+        height = image.shape[0]
         mask = sample.get("mask")
-        mask = np.zeros((height, width), np.uint8) if mask is None else mask[0].numpy()
+        mask = np.zeros(image.shape[:2], np.uint8) if mask is None else mask[0].numpy()
         masked = np.where(mask[..., None] > 0, np.uint8(128), image)
         text = f"{sample['key']}: {sample['caption']}"
         panels = [
@@ -321,7 +324,8 @@ def preview_rows(batch_samples: Sequence[Mapping[str, Any]]) -> Any:
             caption_panel(text, width, height),
         ]
         for column, panel in enumerate(panels):
-            grid.paste(panel, (column * width, row * height))
+            grid.paste(panel, (column * width, top))
+        top += height
     return grid
 
 
