@@ -176,3 +176,20 @@ def test_fsdp_bf16_on_gpus(shards: str, tmp_path: Path) -> None:
     check_replicas(report, 0, 2)
     assert {r["unet_dtype"] for s in report["steps"] for r in s["ranks"]} == {"torch.float32"}
     assert (tmp_path / "run" / "checkpoints" / "step=00000002.ckpt" / "full.ckpt").is_file()
+
+
+def test_parameter_counts_in_the_docs_are_the_shipped_models() -> None:
+    """docs/distributed.md's memory table counts the parameters of the real-size configs."""
+    from sdtrain.models.stable_diffusion import build_stable_diffusion
+
+    doc = (ROOT / "docs" / "distributed.md").read_text()
+    for name, label in (("sd15", "SD 1.5"), ("sd2-base", "SD 2")):
+        cfg = load_config([ROOT / "configs" / "models" / f"{name}.yaml"], ["logging.wandb=false"])
+        model = build_stable_diffusion(cfg.model, device="meta")
+        unet, vae, text = (
+            sum(p.numel() for p in part.parameters())
+            for part in (model.unet, model.autoencoder, model.text_encoder)
+        )
+        row = next(line for line in doc.splitlines() if line.startswith(f"| {label} (`configs"))
+        cells = [cell.strip().split(" ")[0] for cell in row.strip("|").split("|")]
+        assert cells[1:] == [f"{unet:,}", f"{vae:,}", f"{text:,}", f"{vae + text:,}"]
