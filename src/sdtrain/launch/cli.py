@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="render a batch script for sdtrain eval and submit it with sbatch",
         description="Check the sdtrain eval options given after --, render OUT/slurm/eval.sbatch "
         "(srun: one eval rank per task, the ranks split the chunks, rank 0 writes the metrics) "
-        "and sbatch it. Submitting it again continues a stopped eval.",
+        "and sbatch it. Submitting it again continues a stopped eval (its finished chunks are "
+        "kept, so no warning signal is sent: --signal-seconds is not used).",
     )
     _add_allocation_args(slurm_eval)
     slurm_eval.add_argument(
