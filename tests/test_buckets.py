@@ -384,6 +384,15 @@ def test_buckets_the_unet_cannot_take_are_a_config_error_at_load() -> None:
     load_config([experiment], ["data.buckets.enabled=true", "data.buckets.step=16"])
 
 
+def test_fit_dry_run_lists_the_buckets(shards: str, tmp_path: Path, capsys) -> None:
+    argv = ["fit", "--config", str(EXPERIMENTS / "tiny-base.yaml"), f"data.shards=[{shards}]",
+            f"run.dir={tmp_path}", "data.buckets.enabled=true", "data.buckets.step=16",
+            "--dry-run"]  # fmt: skip
+    assert main(argv) == EXIT_OK
+    out = capsys.readouterr()
+    assert "3 aspect-ratio bucket(s) (w x h): 48x80, 64x64, 80x48; up to 2x" in out.out + out.err
+
+
 def test_data_stats_buckets_prints_counts_per_bucket_and_the_share_dropped(
     shards: str, capsys
 ) -> None:

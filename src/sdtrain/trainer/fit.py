@@ -26,6 +26,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from sdtrain.config.loader import to_dict, to_yaml
+from sdtrain.data.buckets import BucketSet
 from sdtrain.errors import CheckpointError, ConfigError, WriteError
 from sdtrain.models.adapters.diffusers import read_model_weights
 from sdtrain.models.lora import add_adapter
@@ -512,6 +513,14 @@ def dry_run(cfg: ExperimentConfig) -> str:
         )
         if note := shard_plan.reduction_note():
             lines.append(f"  data: {note}")
+        if cfg.data.buckets.enabled:
+            image = cfg.data.image
+            buckets = BucketSet(cfg.data.buckets, image.height, image.out_width).buckets
+            lines.append(
+                f"  data: {len(buckets)} aspect-ratio bucket(s) (w x h): "
+                f"{', '.join(b.name for b in buckets)}; up to {cfg.data.buckets.max_upscale:g}x "
+                "upscale"
+            )
     else:
         lines.append("  data: no shards configured (set data.shards)")
     return "\n".join(lines)
