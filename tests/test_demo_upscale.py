@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from sdtrain.data.synthetic import SceneSpec, write_scene_shards
-from sdtrain.launch.demo import stage_config
 from sdtrain.launch.demo_upscale import (
     GRID_ROWS,
     TARGET,
     held_out_scenes,
     run_upscaler_stage,
     scores,
+    stage_config,
 )
 from sdtrain.models.adapters.original import read_checkpoint, write_checkpoint
 from sdtrain.models.stable_diffusion import StableDiffusion

@@ -12,17 +12,24 @@ bicubic upsampling. The grid's rows are low-res (nearest) | bicubic | sdtrain x4
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import resource
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdtrain.config.resolve import configs_dir
 from sdtrain.utils.files import PathLike
+
+if TYPE_CHECKING:
+    from sdtrain.trainer.experiment import ExperimentConfig
 
 CONFIG = "upscaler"
 """``configs/demo/upscaler.yaml``."""
@@ -140,9 +147,9 @@ def run_upscaler_stage(
     ``upscaler/`` (the run), ``export/demo-upscaler.ckpt``, ``samples/upscaler.png``.
     """
     from sdtrain.data.degradation import downscale
-    from sdtrain.launch.demo import open_exported, quiet_data_log, stage_config
     from sdtrain.launch.demo_report import save_grid
     from sdtrain.launch.export import export_run
+    from sdtrain.launch.sample import open_source
     from sdtrain.models.adapters.original import read_checkpoint
     from sdtrain.models.sampling import sample_images
     from sdtrain.trainer.fit import fit
@@ -170,7 +177,7 @@ def run_upscaler_stage(
         run = fit(stage_config(CONFIG, stage_overrides))
     cfg = stage_config(CONFIG, stage_overrides)
     export = export_run(run, out / "export" / f"{cfg.model.name}.ckpt").path
-    model = open_exported(export, cfg)
+    model = open_source(export, cfg).build("cpu")  # as `sdtrain sample` opens the file
 
     truth, captions = held_out_scenes(images, seed)
     low = downscale(truth, cfg.model.upscale.factor)  # (N, 3, 8, 8), the training degradation
@@ -190,9 +197,28 @@ def run_upscaler_stage(
     return result
 
 
+def stage_config(stage: str, overrides: Sequence[str]) -> ExperimentConfig:
+    """``configs/demo/<stage>.yaml`` with ``overrides`` (as ``launch.demo``, which imports this
+    module, so not imported from there)."""
+    from sdtrain.trainer.experiment import load_config
+
+    return load_config([configs_dir("demo") / f"{stage}.yaml"], list(overrides))
+
+
+@contextlib.contextmanager
+def quiet_data_log() -> Iterator[None]:
+    """Broken scene samples are counted by the demo's filter stats, not logged each epoch."""
+    data_log = logging.getLogger("sdtrain.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        data_log.setLevel(level)
+
+
 def _train_first_stage(common: list[str], run_dir: Path, steps: int) -> tuple[Path, float]:
     """The demo's f=4 autoencoder (``configs/demo/first-stage.yaml``) when no file is given."""
-    from sdtrain.launch.demo import quiet_data_log, stage_config
     from sdtrain.trainer.first_stage import FirstStageLoss, train_first_stage
 
     cfg = stage_config("first-stage", [*common, f"run.dir={run_dir}", f"trainer.max_steps={steps}"])
