@@ -84,6 +84,7 @@ OUT_OF_RANGE: dict[str, str] = {
     "data.shuffle_buffer": "-1",
     "data.batch_size": "0",
     "data.num_workers": "-1",
+    "data.repeats": "0",
     "data.filters.aesthetic.value": ".nan",  # any finite threshold is meaningful
     "data.filters.watermark.value": ".inf",
     "data.filters.unsafe.value": "-.inf",
