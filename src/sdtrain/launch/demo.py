@@ -6,15 +6,22 @@ download.
    aesthetic score, high pwatermark / punsafe, too small) and broken JPEGs; one
    ``sdtrain data stats`` pass shows the filters at work.
 2. first stage: a tiny AutoencoderKL (L1 + KL, ``sdtrain.trainer.first_stage``) -> an
-   original-layout file with the autoencoder and the frozen (random) text encoder.
-3. base: the text-conditioned UNet (eps) with ``init_from`` = that file. It is interrupted on
-   purpose (the demo sends itself SIGUSR1, as SLURM does before a time limit: checkpoint, stop)
-   and continued with ``resume=auto``.
+   original-layout file with the autoencoder and the frozen (random) text encoder; then
+   ``sdtrain data encode`` runs that VAE and text encoder once over the shards (latent shards:
+   posterior moments, caption embeddings and the crop the inpainting stage masks).
+3. base: the text-conditioned UNet (eps) with ``init_from`` = that file, trained from the latent
+   shards (``data.latents``). It is interrupted on purpose (the demo sends itself SIGUSR1, as
+   SLURM does before a time limit: checkpoint, stop) and continued with ``resume=auto``.
 4. inpainting: ``init_from`` the exported base, UNet widened 4 -> 9 channels (extra channels
-   zero), synthetic masks. 5. v: the base fine-tuned with the v objective.
+   zero), synthetic masks; image latents from the cache, the masked image encoded per step.
+5. v: the base fine-tuned with the v objective, from the image shards (VAE and text encoder run
+   every step), so that its step time beside the base's measures what the latents save.
 6. every stage exported to an original-layout checkpoint; prompt grids and an inpainting grid
    (input, mask, result) sampled from the exported files with DDIM + classifier-free guidance;
    ``report.md`` (filter stats, loss curves, grids, quality figures) and ``demo.json``.
+7. eval (full demo only, ``launch/demo_eval.py``): the base and v models over guidance scales,
+   random-feature FD / KID / CLIP score (seeded random extractors, never called FID) and colour
+   accuracy per scale; ``--quick`` leaves it out for its time goal and its report says so.
 
 Every stage is an ordinary config in ``configs/demo/`` run by the ordinary entry points
 (``fit``, ``export_run``, ``sample_images``); the demo only chains them and sets ``data.shards``,
@@ -51,6 +58,7 @@ from sdtrain.launch.demo_report import (
     case_inputs,
     dominant_colour,
     grid_prompts,
+    latent_step_ratio,
     masked_colour,
     overview_image,
     read_metrics,
@@ -62,6 +70,9 @@ from sdtrain.trainer.experiment import ExperimentConfig
 from sdtrain.trainer.preemption import RunInterrupted, StopSignals, signal_name
 from sdtrain.utils.images import plot_losses, to_uint8
 from sdtrain.utils.progress import progress
+
+LATENTS = ("data.latents=true", "data.text_embeddings=true")
+"""The overrides that train a stage from the demo's latent shards (``Demo.encode``)."""
 
 STAGES = ("first-stage", "base", "inpainting", "v")
 SCALE = 5.0
@@ -87,12 +98,22 @@ class DemoPlan:
     v_steps: int
     sampling_steps: int
     """DDIM steps of the sample grids."""
+    eval_scales: tuple[float, ...] = ()
+    """Guidance scales of the eval stage (``launch/demo_eval.py``); empty: the stage is left
+    out (``--quick``: its time goal has no room for it)."""
+    upscaler_steps: int = 0
+    """Training steps of the x4 upscaler stage (``launch/demo_upscale.py``); 0: left out
+    (``--quick``: it beats bicubic only after ~250 steps, ~90 s of CPU)."""
 
 
 PLANS = {
-    "full": DemoPlan(4000, 1500, 2500, 1000, 1200, 400, 50),
+    "full": DemoPlan(
+        4000, 1500, 2500, 1000, 1200, 400, 50, eval_scales=(1.0, 3.0, 5.0), upscaler_steps=400
+    ),
     "quick": DemoPlan(1500, 500, 550, 250, 200, 30, 25),
 }
+EVAL_STEPS = 10
+"""PLMS steps of the eval stage's samples."""
 
 
 def configs_dir() -> Path:
@@ -110,6 +131,36 @@ def stage_config(stage: str, overrides: Sequence[str]) -> ExperimentConfig:
 # ---------------------------------------------------------------------------------------------
 # Pieces
 # ---------------------------------------------------------------------------------------------
+
+
+class StepTimer(pl.Callback):
+    """Wall and process-CPU seconds from one optimiser step's end to the next (the batch, its
+    data loading included), after the first ``skip`` steps of each run (start-up): the
+    per-step figures of the report's training table."""
+
+    def __init__(self, skip: int = 5) -> None:
+        self.skip = skip
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self._seen = 0
+        self._last = (0.0, 0.0)
+
+    def on_train_start(self, *args: Any) -> None:
+        self._seen = 0
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        now = (time.perf_counter(), time.process_time())
+        self._seen += 1
+        if self._seen > self.skip:
+            self.wall.append(now[0] - self._last[0])
+            self.cpu.append(now[1] - self._last[1])
+        self._last = now
+
+    def median(self) -> tuple[float, float]:
+        """(wall, CPU) seconds per step, medians (0 when nothing was timed)."""
+        if not self.wall:
+            return 0.0, 0.0
+        return float(np.median(self.wall)), float(np.median(self.cpu))
 
 
 class InterruptAt(pl.Callback):
@@ -227,36 +278,64 @@ class Demo:
         self.result.exports["first-stage"] = first.checkpoint
         print(f"autoencoder: L1 {first.l1 / 2:.4f}, latent scale factor {first.scale_factor:.4g}")
 
+    def encode(self) -> None:
+        """``sdtrain data encode`` of the shards with the first stage's VAE and text encoder,
+        with the inpainting config: its latent shards also keep the crop that the inpainting
+        stage masks (and encodes) per step; the base reads the same shards."""
+        from sdtrain.launch.data_cli import shard_urls
+        from sdtrain.launch.encode import EncodeOptions, run_encode
+
+        banner("latents: `sdtrain data encode` (frozen VAE + text encoder, once per image)")
+        overrides = [*self.stage_overrides("inpainting"), f"init_from={self.first_stage_ckpt}"]
+        cfg = stage_config("inpainting", overrides)
+        start = time.perf_counter()
+        with quiet_data_log():
+            summary = run_encode(cfg, shard_urls(cfg.data.shards), self.out / "latents",
+                                 EncodeOptions(text=True, batch_size=64), device="cpu")  # fmt: skip
+        print("\n".join(summary.lines()))
+        self.result.latents = {
+            "shards": len(summary.written),
+            "samples": summary.stats.kept,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+
     def unet_stage(
-        self, stage: str, steps: int, init_from: Path, interrupt_at: int = 0
+        self,
+        stage: str,
+        steps: int,
+        init_from: Path,
+        interrupt_at: int = 0,
+        data: Sequence[str] = LATENTS,
     ) -> StageResult:
+        """Train one UNet stage (``data``: overrides of its data source) and export it."""
         from sdtrain.launch.export import export_run
         from sdtrain.trainer.fit import fit
 
         overrides = [
-            *self.common(stage),
+            *self.stage_overrides(stage, data),
             f"init_from={init_from}",
-            f"model.autoencoder.scale_factor={self.result.scale_factor}",
             f"trainer.max_steps={steps}",
         ]
         start = time.perf_counter()
+        timer = StepTimer()
         with quiet_data_log():
             if interrupt_at:
                 interrupt = InterruptAt(interrupt_at)
                 try:
-                    fit(stage_config(stage, overrides), callbacks=[interrupt])
+                    fit(stage_config(stage, overrides), callbacks=[interrupt, timer])
                 except RunInterrupted as stop:
                     if not interrupt.planned(stop):
                         raise  # a signal from outside ends the demo
                 self.note_interruption(self.out / stage, interrupt_at)
                 banner(f"{stage}: resuming the interrupted run with resume=auto")
                 overrides.append("resume=auto")
-            run = fit(stage_config(stage, overrides))
+            run = fit(stage_config(stage, overrides), callbacks=[timer])
         cfg = stage_config(stage, overrides)
         export = self.out / "export" / f"{cfg.model.name}.ckpt"
         print(export_run(run, export).summary())
         result = StageResult(stage, cfg.model.diffusion.parameterization, steps, run, init_from,
-                             time.perf_counter() - start, export)  # fmt: skip
+                             time.perf_counter() - start, export, data=source_name(data),
+                             step_seconds=timer.median())  # fmt: skip
         self.result.stages.append(result)
         self.result.exports[stage] = export
         return result
@@ -330,11 +409,66 @@ class Demo:
         quality["inpainting: colour painted as prompted"] = f"{hits}/{painted}"
         quality["inpainting, model alone: unmasked mean abs diff"] = round(float(np.mean(alone)), 1)
 
-    def stage_cfg(self, stage: str) -> ExperimentConfig:
-        return stage_config(
-            stage,
-            [*self.common(stage), f"model.autoencoder.scale_factor={self.result.scale_factor}"],
+    def evaluate(self) -> None:
+        """The eval stage: random-feature FD / KID / CLIP score and colour accuracy of the base
+        and v models over guidance scales, against the demo's scene images."""
+        from sdtrain.launch.demo_eval import run_demo_eval
+
+        scales = self.plan.eval_scales
+        stages = ("base", "v")
+        banner(
+            f"eval: {', '.join(stages)} at guidance scales {', '.join(map(str, scales))} "
+            "(random-feature FD, KID, CLIP score: seeded random extractors, not FID)"
         )
+        start = time.perf_counter()
+        table = run_demo_eval(
+            {stage: self.result.exports[stage] for stage in stages},
+            {stage: self.stage_cfg(stage) for stage in stages},
+            grid_prompts(),
+            self.out / "shards",
+            self.out / "eval",
+            scales=scales,
+            steps=EVAL_STEPS,
+            seed=self.seed,
+        )
+        print(table.text())
+        self.result.eval = {**table.to_json(), "seconds": round(time.perf_counter() - start, 1)}
+        self.result.eval_markdown = table.markdown()
+
+    def upscaler(self) -> None:
+        """The x4 upscaler stage: trained on the scenes (8 -> 32 px) from the first stage's
+        file, scored against bicubic on held-out scenes."""
+        from sdtrain.launch.demo_upscale import run_upscaler_stage
+
+        steps = self.plan.upscaler_steps
+        banner(f"x4 upscaler: {steps} steps on the scenes, 8 -> 32 px, against bicubic")
+        with quiet_data_log():
+            up = run_upscaler_stage(self.out / "shards", self.out,
+                                    first_stage_file=self.first_stage_ckpt,
+                                    scale_factor=self.result.scale_factor, steps=steps,
+                                    seed=self.seed)  # fmt: skip
+        self.result.stages.append(StageResult("upscaler", "v", steps, up.run, self.first_stage_ckpt,
+                                              up.wall_seconds, up.export))  # fmt: skip
+        self.result.exports["upscaler"] = up.export
+        self.result.grids["upscaler"] = up.grid
+        self.result.quality.update(up.quality())
+        self.result.sections.append(up.markdown(relative_to=self.out))
+        print(f"x4 upscaler: mean abs error {up.mean_abs_error['sdtrain x4']:.2f} vs bicubic "
+              f"{up.mean_abs_error['bicubic']:.2f} (0-255)")  # fmt: skip
+
+    def stage_overrides(self, stage: str, data: Sequence[str] = ()) -> list[str]:
+        """The demo's overrides of a stage: run folder, seeds, measured latent scale, and
+        ``data`` (``LATENTS``: the latent shards instead of the image shards)."""
+        shards = [f"data.shards={self.out / 'latents'}", *data] if data else []
+        return [
+            *self.common(stage),
+            f"model.autoencoder.scale_factor={self.result.scale_factor}",
+            *shards,
+        ]
+
+    def stage_cfg(self, stage: str) -> ExperimentConfig:
+        """A stage's config as sampling opens its export (image shards)."""
+        return stage_config(stage, self.stage_overrides(stage))
 
     def report(self) -> None:
         curves = {"first stage: L1": read_metrics(self.out / "first-stage", "train/l1")}
@@ -342,6 +476,9 @@ class Demo:
             curves[f"{stage}: loss"] = read_metrics(self.out / stage, "train/loss")
         marks = {"base: loss": self.result.resume.get("stopped_at", 0)}
         self.result.loss_plot = plot_losses(curves, marks, self.out / "loss-curves.png")
+        ratio = latent_step_ratio(self.result)
+        if ratio is not None:
+            self.result.latents["step_cpu_ratio_images_over_latents"] = round(ratio, 3)
         self.result.report = write_report(self.result)
         (self.out / "demo.json").write_text(json.dumps(self.result.to_json(), indent=2))
 
@@ -364,6 +501,7 @@ class Demo:
         self.first_stage()
         banner(f"3/6 base text-to-image UNet (eps), {plan.base_steps} steps; interrupted after "
                f"step {plan.interrupt_at} and resumed")  # fmt: skip
+        self.encode()
         base = self.unet_stage("base", plan.base_steps, self.first_stage_ckpt, plan.interrupt_at)
         self.result.resume["final_step"] = plan.base_steps
         assert base.export is not None
@@ -372,11 +510,19 @@ class Demo:
         )
         self.unet_stage("inpainting", plan.inpainting_steps, base.export)
         banner(f"5/6 v-objective variant fine-tuned from the base, {plan.v_steps} steps")
-        self.unet_stage("v", plan.v_steps, base.export)
+        self.unet_stage("v", plan.v_steps, base.export, data=())
         self.samples()
+        if plan.eval_scales:
+            self.evaluate()
+        if plan.upscaler_steps:
+            self.upscaler()
         self.result.seconds = time.perf_counter() - start
         self.report()
         return self.result
+
+
+def source_name(data: Sequence[str]) -> str:
+    return "latent shards" if data else "image shards"
 
 
 def holds_demo(out: Path) -> bool:

@@ -199,6 +199,10 @@ class StageResult:
     init_from: Path | None
     seconds: float
     export: Path | None = None
+    data: str = "image shards"
+    """What the stage trained from: ``image shards`` or ``latent shards`` (``data.latents``)."""
+    step_seconds: tuple[float, float] = (0.0, 0.0)
+    """Median (wall, process CPU) seconds per optimiser step (UNet stages)."""
 
 
 @dataclass
@@ -214,6 +218,13 @@ class DemoResult:
     scale_factor: float = 1.0
     stages: list[StageResult] = field(default_factory=list)
     resume: dict[str, Any] = field(default_factory=dict)
+    latents: dict[str, Any] = field(default_factory=dict)
+    """The ``sdtrain data encode`` pass: shards, samples, seconds."""
+    eval: dict[str, Any] = field(default_factory=dict)
+    """The eval stage's table (``DemoEvalTable.to_json``); empty when it was left out."""
+    eval_markdown: str = ""
+    sections: list[str] = field(default_factory=list)
+    """Report sections of the full demo's extra stages (x4 upscaler)."""
     exports: dict[str, Path] = field(default_factory=dict)
     grids: dict[str, Path] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
@@ -242,6 +253,35 @@ class DemoResult:
         return "\n".join(lines)
 
 
+def latent_step_ratio(result: DemoResult) -> float | None:
+    """CPU seconds per step of the v stage (image shards: VAE and text encoder every step) over
+    the base's (latent shards): the same UNet and batch, so the ratio is what the latents save."""
+    steps = {s.name: s.step_seconds[1] for s in result.stages}
+    if steps.get("base") and steps.get("v"):
+        return steps["v"] / steps["base"]
+    return None
+
+
+def latents_lines(result: DemoResult) -> list[str]:
+    latents = result.latents
+    if not latents:
+        return []
+    lines = [
+        f"`sdtrain data encode` wrote {latents['samples']} samples' posterior moments, caption "
+        f"embeddings and crops into {latents['shards']} latent shards (`latents/`) in "
+        f"{latents['seconds']:.0f} s; the base and inpainting stages train from them "
+        "(`data.latents: true`, the masked image still encoded per step), the v stage from the "
+        "image shards."
+    ]
+    ratio = latents.get("step_cpu_ratio_images_over_latents")
+    if ratio is not None:
+        lines[0] += (
+            f" Measured here: a step on image shards (v) takes {ratio:.2f}x the CPU time of one "
+            "on latent shards (base), same UNet and batch."
+        )
+    return lines
+
+
 def write_report(result: DemoResult) -> Path:
     """``report.md`` in the run folder: filter stats, training, loss curves, grids, figures."""
     out = result.out
@@ -268,16 +308,20 @@ def write_report(result: DemoResult) -> Path:
         "",
         "## Training",
         "",
-        "| stage | objective | steps | initialised from | seconds | run folder |",
-        "|---|---|---:|---|---:|---|",
+        "| stage | objective | steps | trained from | initialised from | seconds | ms/step "
+        "(wall / CPU) | run folder |",
+        "|---|---|---:|---|---|---:|---:|---|",
     ]
     for stage in result.stages:
         init = rel(stage.init_from) if stage.init_from else "random"
+        wall, cpu = stage.step_seconds
+        per_step = f"{wall * 1000:.0f} / {cpu * 1000:.0f}" if wall else "—"
         lines.append(
-            f"| {stage.name} | {stage.objective} | {stage.steps} | `{init}` | "
-            f"{stage.seconds:.0f} | `{rel(stage.run_dir)}/` |"
+            f"| {stage.name} | {stage.objective} | {stage.steps} | {stage.data} | `{init}` | "
+            f"{stage.seconds:.0f} | {per_step} | `{rel(stage.run_dir)}/` |"
         )
     resume = result.resume
+    lines += ["", *latents_lines(result)]
     lines += [
         "",
         f"The base run was interrupted on purpose (SIGUSR1 after step {resume['signal_step']}: "
@@ -315,6 +359,25 @@ def write_report(result: DemoResult) -> Path:
         "|---|---:|",
         *(f"| {k} | {v} |" for k, v in result.quality.items()),
         "",
+        "## Evaluation over guidance scales",
+        "",
+        result.eval_markdown
+        or "Left out of `--quick` (its time goal has no room for it): `sdtrain demo` runs it "
+        "(`launch/demo_eval.py`; random-feature FD, KID and CLIP score with seeded random "
+        "extractors, never FID, and colour accuracy per scale).",
+        "",
+        *(f"{section}\n" for section in result.sections),
+        *(
+            []
+            if result.sections
+            else [
+                "## x4 upscaler",
+                "",
+                "Left out of `--quick` (it passes bicubic only after ~250 training steps, about "
+                "90 s of CPU): `sdtrain demo` trains it (`launch/demo_upscale.py`).",
+                "",
+            ]
+        ),
         "## Exported checkpoints (original layout)",
         "",
         *(f"- `{rel(p)}`" for p in result.exports.values()),
