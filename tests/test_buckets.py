@@ -463,10 +463,10 @@ def test_a_short_fit_on_non_square_images_with_square_validation(
     from sdtrain.trainer.fit import fit
 
     cfg = in_process_cfg(
-        "tiny-inpainting", shards, tmp_path / "run", "trainer.max_steps=3",
-        "checkpoint.every_n_steps=3", "data.buckets.enabled=true", "data.buckets.step=16",
-        "validation.every_n_steps=3", "validation.steps=2", "validation.samplers=[ddim]",
-        f"validation.shards=[{shards}]", "validation.loss_batches=2",
+        "tiny-inpainting", shards, tmp_path / "run", "trainer.max_steps=2",
+        "checkpoint.every_n_steps=2", "data.buckets.enabled=true", "data.buckets.step=16",
+        "validation.every_n_steps=2", "validation.steps=2", "validation.samplers=[ddim]",
+        f"validation.shards=[{shards}]", "validation.loss_batches=2", "validation.loss_buckets=1",
         "validation.prompts=[a red circle]",
     )  # fmt: skip
     seen = set()
@@ -474,14 +474,14 @@ def test_a_short_fit_on_non_square_images_with_square_validation(
         seen.add(tuple(batch["image"].shape[-2:]))
     assert len(seen) >= 2 and any(h != w for h, w in seen)
     fit(cfg)
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "step=00000003.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 3
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "step=00000002.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
     rows = metrics(tmp_path / "run")
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    assert len(losses) == 3 and all(math.isfinite(x) and 0 < x < 10 for x in losses)
+    assert len(losses) == 2 and all(math.isfinite(x) and 0 < x < 10 for x in losses)
     assert any(r.get("val/loss") for r in rows)
     # one prompt, rows [input, mask, result] of square 64 px cells (validation stays square)
-    grid = Image.open(tmp_path / "run" / "samples" / "step=00000003-ddim.png")
+    grid = Image.open(tmp_path / "run" / "samples" / "step=00000002-ddim.png")
     assert grid.size == (64, 3 * 64)
 
 
