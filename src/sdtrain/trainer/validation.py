@@ -352,9 +352,10 @@ class ValidationCallback(Callback):
             depths: list[Tensor] = []
             if self.cfg.validation.shards:
                 for batch in LaionLoader(heldout_data_config(self.cfg), 0, 1):
-                    images.append(to_model_images(batch["image"]))
+                    # squared per batch: with data.buckets batches differ in size
+                    images.append(square(to_model_images(batch["image"]), size))
                     if "depth" in batch:
-                        depths.append(batch["depth"].float())
+                        depths.append(square(batch["depth"].float(), size))
                     if sum(len(x) for x in images) >= count:
                         break
             if images:
