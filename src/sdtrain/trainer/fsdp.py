@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from pytorch_lightning.strategies import FSDPStrategy
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
 
-from sdtrain.errors import CheckpointError
+from sdtrain.errors import CheckpointError, WriteError
 from sdtrain.models.unet import TimestepEmbedSequential
 from sdtrain.trainer.checkpoints import (
     FSDP_FULL_FILE,
@@ -80,7 +81,7 @@ class UNetFSDPStrategy(FSDPStrategy):
             cpu_offload=self.cpu_offload,
             mixed_precision=self.mixed_precision_config,
             sharding_strategy=self.sharding_strategy,
-            device_id=self.root_device,  # an index on GPUs; FSDP needs the device itself on CPU
+            device_id=self.root_device,  # Lightning passes its index: None on CPU, refused there
             ignored_modules=frozen,
             **self.kwargs,
         )
@@ -107,10 +108,26 @@ class UNetFSDPStrategy(FSDPStrategy):
             "params": local_shards(self.model),
             "optimizer_states": checkpoint.pop("optimizer_states", []),
         }
+        failure = ""
         try:
             files.save_torch(tmp / fsdp_shard_name(self.global_rank, self.world_size), shard)
-        finally:
-            self.barrier("fsdp-checkpoint-shards")
+        except (WriteError, OSError) as err:
+            failure = (
+                (err.reason or str(err))
+                if isinstance(err, WriteError)
+                else files.describe_os_error(err)
+            )
+        failures: list[Any] = [None] * self.world_size
+        dist.all_gather_object(failures, failure)  # every rank learns whether all shards exist
+        if any(failures):
+            if self.is_global_zero:
+                shutil.rmtree(tmp, ignore_errors=True)
+            rank, reason = next((r, f) for r, f in enumerate(failures) if f)
+            raise CheckpointError(
+                f"rank {rank} could not write its shard ({reason}); the previous checkpoint is "
+                "intact. Free the space (or fix the folder) and continue with resume=auto",
+                final,
+            )
         if self.is_global_zero:
             AtomicCheckpointIO().save_checkpoint(checkpoint, tmp / FSDP_FULL_FILE)
             if final.exists():
