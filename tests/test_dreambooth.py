@@ -60,7 +60,7 @@ def test_prior_settings_are_checked(override: str, key: str) -> None:
 
 
 def test_prior_preservation_needs_a_model_that_samples_from_text() -> None:
-    with pytest.raises(ConfigError, match="prior.enabled") as info:
+    with pytest.raises(ConfigError, match=r"prior\.enabled") as info:
         load_config([EXPERIMENTS / "tiny-depth.yaml"],
                     ["prior.enabled=true", "prior.class_prompt=a shape"])  # fmt: skip
     assert "depth" in str(info.value)
@@ -111,12 +111,16 @@ def test_class_images_are_batched_resumable_and_cached(base_file: Path, tmp_path
     for a, b in zip(made, class_pixels(tmp_path / "single", 5), strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
     # More images later: only the new ones are generated.
-    more = load_config([EXPERIMENTS / "tiny-dreambooth-lora.yaml"],
-                       [f"init_from={base_file}", "prior.steps=3", "prior.num_images=7"])
+    more = load_config(
+        [EXPERIMENTS / "tiny-dreambooth-lora.yaml"],
+        [f"init_from={base_file}", "prior.steps=3", "prior.num_images=7"],
+    )
     assert ensure_class_images(model, more, folder) == 2
     # Other settings over the same folder are refused, naming what changed.
-    other = load_config([EXPERIMENTS / "tiny-dreambooth-lora.yaml"],
-                        [f"init_from={base_file}", "prior.steps=3", "prior.class_prompt=a dog"])
+    other = load_config(
+        [EXPERIMENTS / "tiny-dreambooth-lora.yaml"],
+        [f"init_from={base_file}", "prior.steps=3", "prior.class_prompt=a dog"],
+    )
     with pytest.raises(ConfigError, match="class_prompt") as info:
         ensure_class_images(model, other, folder)
     assert "prior.dir" in str(info.value)
@@ -133,8 +137,10 @@ def test_class_images_come_from_the_base_model(base_file: Path, tmp_path: Path) 
     from sdtrain.models.stable_diffusion import StableDiffusion
     from sdtrain.trainer.prior import start_noise
 
-    cfg = load_config([EXPERIMENTS / "tiny-dreambooth-lora.yaml"],
-                      [f"init_from={base_file}", "prior.steps=3", "prior.num_images=2"])
+    cfg = load_config(
+        [EXPERIMENTS / "tiny-dreambooth-lora.yaml"],
+        [f"init_from={base_file}", "prior.steps=3", "prior.num_images=2"],
+    )
     model = StableDiffusion(cfg.model)
     model.load_original(read_model_weights(str(base_file), cfg.model))
     ensure_class_images(model, cfg, tmp_path)
@@ -253,3 +259,49 @@ def test_dreambooth_sigkill_and_resume_is_bit_identical(
     for i in range(6):  # the cached class images are the same too
         assert np.array_equal(*(class_pixels(run / "class_images", 6)[i]
                                 for run in (straight, killed)))  # fmt: skip
+
+
+def write_instance_folder(folder: Path, count: int) -> Path:
+    """Instance images without captions (the instance prompt is theirs)."""
+    from sdtrain.data.synthetic import Scene, SceneShape, draw_scene
+
+    folder.mkdir(parents=True)
+    for i in range(count):
+        shape = SceneShape("red", "star", 0.5, 0.5, 0.25 + 0.01 * i)
+        draw_scene(Scene((shape,), ""), 64).save(folder / f"star-{i}.png")
+    return folder
+
+
+def test_dreambooth_on_a_folder_without_captions(base_file: Path, tmp_path: Path) -> None:  # noqa: F811
+    from sdtrain.trainer.fit import fit
+
+    folder = write_instance_folder(tmp_path / "instances", 4)
+    cfg = load_config(
+        [EXPERIMENTS / "tiny-dreambooth-lora.yaml"],
+        ["data.source=folder", f"data.folder={folder}", f"run.dir={tmp_path / 'run'}",
+         f"init_from={base_file}", "logging.wandb=false", "data.num_workers=0",
+         "trainer.log_every_n_steps=1", *QUICK],
+    )  # fmt: skip
+    fit(cfg)
+    rows = [r for r in metrics(tmp_path / "run") if r.get("train/instance_loss")]
+    assert len(rows) == 2
+
+
+def test_an_instance_folder_without_images_is_a_clear_error(
+    base_file: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from sdtrain.trainer.fit import fit
+
+    empty = tmp_path / "instances"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no pictures here")
+    cfg = load_config(
+        [EXPERIMENTS / "tiny-dreambooth-lora.yaml"],
+        ["data.source=folder", f"data.folder={empty}", f"run.dir={tmp_path / 'run'}",
+         f"init_from={base_file}", "logging.wandb=false", "data.num_workers=0"],
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="holds no images") as info:
+        fit(cfg)
+    assert "data.folder" in str(info.value) and str(empty) in str(info.value)
+    assert not (tmp_path / "run" / "class_images").exists(), "nothing generated before the check"

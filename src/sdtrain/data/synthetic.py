@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,8 @@ SCENE_COLOURS: dict[str, tuple[int, int, int]] = {
 }
 """The palette a scene's shapes are drawn from; captions name these words."""
 SCENE_SHAPES = ("circle", "square", "triangle")
+"""The shapes the demo's scenes draw; ``draw_scene`` also draws a ``star``, which no scene
+holds (the shape the demo's LoRA stage teaches)."""
 SCENE_PLACES = {  # where a lone shape sits: centre (x, y) as fractions of the side
     "at the top": (0.5, 0.27),
     "at the bottom": (0.5, 0.73),
@@ -190,6 +193,16 @@ def random_scene(rng: np.random.Generator, pair_p: float = 0.3) -> Scene:
     return Scene((a, b), caption)
 
 
+def star_points(x: float, y: float, r: float, inner: float = 0.45) -> list[tuple[float, float]]:
+    """A five-pointed star, one point up: outer radius ``r``, inner radius ``inner`` x ``r``."""
+    points = []
+    for i in range(10):
+        radius = r if i % 2 == 0 else r * inner
+        angle = math.pi * i / 5 - math.pi / 2
+        points.append((x + radius * math.cos(angle), y + radius * math.sin(angle)))
+    return points
+
+
 def draw_scene(
     scene: Scene, side: int, supersample: int = 4, height: int | None = None
 ) -> Image.Image:
@@ -209,6 +222,8 @@ def draw_scene(
         elif shape.kind == "square":
             s = r * 0.89  # about the circle's area
             draw.rectangle((x - s, y - s, x + s, y + s), fill=fill)
+        elif shape.kind == "star":
+            draw.polygon(star_points(x, y, r), fill=fill)
         else:
             draw.polygon([(x, y - r), (x + r * 0.95, y + r * 0.8), (x - r * 0.95, y + r * 0.8)],
                          fill=fill)  # fmt: skip
