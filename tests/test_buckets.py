@@ -457,6 +457,18 @@ def test_non_square_scene_shards(tmp_path: Path) -> None:
             )
 
 
+def test_validation_references_from_bucketed_held_out_batches_are_square(
+    shards: str, tmp_path: Path
+) -> None:
+    from sdtrain.trainer.validation import ValidationCallback
+
+    cfg = in_process_cfg("tiny-inpainting", shards, tmp_path, "data.buckets.enabled=true",
+                         "data.buckets.step=16", "data.batch_size=2",
+                         f"validation.shards=[{shards}]")  # fmt: skip
+    images, _ = ValidationCallback(cfg, tmp_path).reference_images(7, 64)  # from >= 4 batches
+    assert images.shape == (7, 3, 64, 64)
+
+
 def test_a_short_fit_on_non_square_images_with_square_validation(
     tmp_path: Path, shards: str
 ) -> None:
