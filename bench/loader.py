@@ -56,7 +56,7 @@ from sdtrain.data.config import DataConfig, FilterConfig, ImageConfig, MaskConfi
 from sdtrain.data.filters import MetadataFilter
 from sdtrain.data.masks import build_mask_generator
 from sdtrain.data.pipeline import LaionLoader
-from sdtrain.data.shards import expand_shards, iter_samples
+from sdtrain.data.shards import expand_shards, iter_samples, split_member_name, tar_members
 from sdtrain.data.synthetic import SyntheticSpec, write_synthetic_shards
 from sdtrain.data.transforms import (
     ImageDecodeError,
@@ -322,6 +322,92 @@ def interleaved(
     return cells
 
 
+# ---------------------------------------------------------------------------------------------
+# Tar readers alone (--tar): sdtrain's hand-written reader vs webdataset's tar iteration
+# ---------------------------------------------------------------------------------------------
+
+TAR_SECTION_KEY = "loader-tar"
+
+
+def tar_reader(urls: Sequence[str], reader: str) -> Batches:
+    """Samples per shard, over the shards forever, read by ``reader`` from local files (page
+    cache), grouped into samples by the same code; nothing decoded.
+
+    ``ours``: ``data.shards.tar_members``; ``webdataset``: ``tariterators.tar_file_iterator``
+    (Python's ``tarfile`` in stream mode); ``webdataset-samples``: webdataset's whole tar path,
+    ``tar_file_expander`` + ``group_by_keys`` over ``url_opener`` (its own grouping and gopen).
+    """
+    from webdataset import tariterators
+
+    def members(url: str, handle: Any) -> Iterator[tuple[str, bytes]]:
+        if reader == "ours":
+            yield from tar_members(handle, url)
+        else:
+            for member in tariterators.tar_file_iterator(handle):
+                yield member["fname"], member["data"]
+
+    def samples_of(url: str) -> int:
+        if reader == "webdataset-samples":
+            opened = tariterators.url_opener([{"url": url}])
+            return sum(
+                1 for _ in tariterators.group_by_keys(tariterators.tar_file_expander(opened))
+            )
+        count, key = 0, None
+        with open(url, "rb") as handle:
+            for name, _ in members(url, handle):
+                member_key, _ = split_member_name(name)
+                if member_key != key:
+                    count, key = count + 1, member_key
+        return count
+
+    def forever() -> Batches:
+        while True:
+            for url in urls:
+                yield samples_of(url)
+
+    return forever()
+
+
+def tar_report(command: str, urls: Sequence[str], cells: dict[str, Cell], args: Any) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    size = sum(Path(url).stat().st_size for url in urls)
+    samples = sum(1 for url in urls for _ in iter_samples(url))
+    per_mb = samples / (size / 1e6)
+    lines = [
+        f"`{command}`",
+        "",
+        f"- date: {now}; {_versions()}",
+        f"- machine: {_cpu()}, {os.cpu_count()} cores",
+        f"- data: {len(urls)} shards, {size / 1e6:.1f} MB, {samples} samples "
+        f"({size / samples / 1e3:.0f} KB each), read from the page cache; {args.rounds} "
+        f"interleaved rounds of {args.seconds:g} s per reader on the process's CPU clock",
+        "",
+        "| tar reader | samples per CPU-second | MB per CPU-second | ours / this |",
+        "|---|--:|--:|--:|",
+    ]
+    for name, cell in cells.items():
+        ratio = paired_ratio(cells, "ours", name)
+        lines.append(f"| {name} | {cell.render()} | {cell.median / per_mb:.0f} | {ratio:.2f}x |")
+    return "\n".join(lines)
+
+
+def run_tar_readers(args: argparse.Namespace, urls: Sequence[str]) -> str:
+    print("tar readers, per core:", file=sys.stderr)
+    cells = interleaved(
+        {name: lambda name=name: tar_reader(urls, name)
+         for name in ("ours", "webdataset", "webdataset-samples")},
+        args.rounds, args.seconds, args.warmup, preroll=1, clock=time.process_time,
+    )  # fmt: skip
+    shown = ["python", "bench/loader.py", *sys.argv[1:]]
+    report = tar_report(shlex.join(shown), urls, cells, args)
+    print(report)
+    out = args.out or (DEFAULT_DOCS if args.write_docs else None)
+    if out is not None:
+        write_section(out, TAR_SECTION_KEY, "Tar readers", report, level="###")
+        print(f"wrote the {TAR_SECTION_KEY} block of {out}", file=sys.stderr)
+    return report
+
+
 PROFILE_PARTS = (
     ("decode + crop + resize (`load_image`)", "transforms.py", "load_image"),
     ("tar reading (`iter_samples`, rejected samples too)", "shards.py", "iter_samples"),
@@ -487,6 +573,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="add a cProfile of ours at the smallest size"
     )
+    parser.add_argument(
+        "--tar", action="store_true", help="only the tar readers: ours vs webdataset's"
+    )
     parser.add_argument("--write-docs", action="store_true", help=f"update {DEFAULT_DOCS.name}")
     parser.add_argument("--out", type=Path, help="update this markdown file (implies writing)")
     return parser.parse_args(argv)
@@ -498,6 +587,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
     shards = args.shards or str(ensure_shards(args.cache, args.samples, seed=0))
     urls = expand_shards(shards)
+    if args.tar:
+        return run_tar_readers(args, urls)
     data = summarize(urls, FilterConfig(min_size=MIN_SIZE))
     load_before = os.getloadavg()[0]
 

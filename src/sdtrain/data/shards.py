@@ -3,7 +3,9 @@
 A spec is a brace pattern (``/data/laion/{00000..23999}.tar``), a glob (``/data/laion/*.tar``,
 expanded here and sorted, for when the shell did not), a path, a directory of ``.tar`` files,
 ``@list.txt`` (one spec per line) or a ``pipe:`` command whose stdout is a tar stream
-(``pipe:aws s3 cp s3://bucket/{00000..00999}.tar -``). ``http(s)://`` URLs are read through curl.
+(``pipe:aws s3 cp s3://bucket/{00000..00999}.tar -``). Every URL is opened by webdataset's
+``gopen`` (``open_shard``): ``http(s)://`` through curl, ``gs://`` through gsutil, ``s3://``
+through the AWS CLI (``aws s3 cp URL -``), ``pipe:`` as a shell command.
 
 Samples are the img2dataset layout: consecutive members sharing a key (the member name up to the
 first dot of its basename), e.g. ``000000012.jpg`` + ``.txt`` + ``.json``.
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from braceexpand import braceexpand
+from webdataset.gopen import Pipe, gopen, gopen_schemes
 
 from sdtrain.errors import ConfigError, DataError
 
@@ -116,63 +119,104 @@ def shard_name(url: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-_LIVE_PIPES: weakref.WeakSet[_PipeStream] = weakref.WeakSet()
+# Every shard URL is opened by webdataset's ``gopen``: local paths and ``file://``, its schemes
+# (``http(s)`` / ``sftp`` / ``ftps`` / ``scp`` through curl, ``gs`` through gsutil, ``ais``, ``hf``
+# ...) and ``pipe:``; a command's exit status is checked by its ``Pipe`` (SIGPIPE after an early
+# close is not a failure). Two entries of its scheme table are sdtrain's (SHARD_SCHEMES):
+# ``pipe:`` runs webdataset's Pipe in a process group of its own with stderr kept, so that an
+# ending loader worker can kill the whole command and a failure names the command's last stderr
+# line; ``s3://`` (which webdataset leaves to the user) streams through ``aws s3 cp URL -``.
+_LIVE_PIPES: weakref.WeakSet[Pipe] = weakref.WeakSet()
+_OWN_GROUP: weakref.WeakSet[Pipe] = weakref.WeakSet()
 
 
 def kill_pipe_commands() -> None:
-    """SIGKILL the ``pipe:`` shard commands still running in this process (a loader worker
-    that is ending), whole process groups, so that none is left behind."""
-    for stream in list(_LIVE_PIPES):
-        if stream.process.poll() is None:
-            with contextlib.suppress(OSError):
-                os.killpg(stream.process.pid, signal.SIGKILL)
+    """SIGKILL the shard commands still running in this process (a loader worker that is
+    ending): ``pipe:`` commands as whole process groups, so that none is left behind."""
+    for pipe in list(_LIVE_PIPES):
+        _kill(pipe)
 
 
-class _PipeStream:
-    """stdout of a shell command; closing it waits for the command and reports its failure."""
-
-    def __init__(self, command: str) -> None:
-        self.command = command
-        # A process group of its own, so that kill_pipe_commands reaches the shell's children.
-        self.process = subprocess.Popen(
-            command,
-            shell=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        _LIVE_PIPES.add(self)
-        assert self.process.stdout is not None
-        self.stdout: BinaryIO = self.process.stdout  # type: ignore[assignment]
-
-    def read(self, size: int = -1) -> bytes:
-        return self.stdout.read(size)
-
-    def close(self) -> None:
-        self.stdout.close()
-        self.process.wait()
-
-    def failure(self) -> str | None:
-        """The command's exit status and stderr when it failed (after ``close``)."""
-        code = self.process.returncode
-        if code in (0, None) or code < 0:  # < 0: killed by our own close of the pipe
-            return None
-        assert self.process.stderr is not None
-        err = self.process.stderr.read().decode(errors="replace").strip().splitlines()
-        return f"exit status {code}" + (f": {err[-1]}" if err else "")
+def _kill(pipe: Pipe) -> None:
+    if pipe.proc.poll() is None:
+        with contextlib.suppress(OSError):
+            if pipe in _OWN_GROUP:
+                os.killpg(pipe.proc.pid, signal.SIGKILL)
+            else:
+                pipe.proc.kill()
 
 
-def open_shard(url: str) -> BinaryIO | _PipeStream:
-    """A readable binary stream for a shard URL; ``ShardReadError`` when it cannot be opened."""
-    if url.startswith("pipe:"):
-        return _PipeStream(url[len("pipe:") :])
-    if url.startswith(("http://", "https://")):
-        return _PipeStream(f"curl -fsSL {shlex.quote(url)}")
-    path = Path(url.removeprefix("file://"))
+def gopen_pipe_group(url: str, mode: str = "rb", bufsize: int = 8192) -> Pipe:
+    """webdataset's ``pipe:`` handler, plus a process group of the command's own and its stderr
+    kept for the error message."""
+    if mode != "rb":
+        raise ValueError(f"{url}: shards are read only (mode {mode})")
+    pipe = Pipe(
+        url[len("pipe:") :],
+        mode=mode,
+        shell=True,
+        bufsize=bufsize,
+        ignore_status=[141],  # the shell's SIGPIPE exit after an early close
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    _OWN_GROUP.add(pipe)
+    return pipe
+
+
+def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192) -> Pipe:
+    """``s3://bucket/key`` through the AWS CLI (its credentials and endpoint settings)."""
+    return gopen_pipe_group(f"pipe:aws s3 cp {shlex.quote(url)} -", mode, bufsize)
+
+
+SHARD_SCHEMES = {"pipe": gopen_pipe_group, "s3": gopen_s3}
+gopen_schemes.update({"pipe": gopen_pipe_group})
+gopen_schemes.setdefault("s3", gopen_s3)  # a handler the user registered first is kept
+
+
+def open_shard(url: str) -> BinaryIO | Pipe:
+    """A readable binary stream for a shard URL (``gopen``); ``ShardReadError`` when it cannot
+    be opened (no such file, no handler for the scheme, the command cannot start)."""
+    # file://relative/path: a path, as check_local_shards reads it (gopen would take "relative"
+    # for a host)
+    target = url.removeprefix("file://") if url.startswith("file://") else url
     try:
-        return path.open("rb")
+        stream = gopen(target, "rb")
     except OSError as err:
         raise ShardReadError(f"cannot open shard {url}: {err.strerror or err}") from err
+    except ValueError as err:  # gopen: no handler for the scheme
+        raise ShardReadError(f"cannot open shard {url}: {err}") from err
+    if isinstance(stream, Pipe):
+        _LIVE_PIPES.add(stream)
+    return stream
+
+
+def command_failure(stream: Any) -> str | None:
+    """The exit status (and last stderr line) of a shard command that failed; None for files,
+    commands that succeeded or still run, and those our own early close stopped."""
+    if not isinstance(stream, Pipe):
+        return None
+    code = stream.proc.poll()
+    if code is None or code < 0 or code in stream.ignore_status:
+        return None
+    err = stream.proc.stderr.read() if stream.proc.stderr is not None else b""
+    lines = err.decode(errors="replace").strip().splitlines()
+    return f"exit status {code}" + (f": {lines[-1]}" if lines else "")
+
+
+def close_shard(stream: Any, finished: bool) -> str | None:
+    """Close ``stream``; a command's failure (``command_failure``) when the shard was read to its
+    end. After an early stop (the consumer left, or an error is on its way) a command still
+    running is killed (it may never notice the closed pipe: a loop, a stalled download) and
+    webdataset's status check on close is moot and ignored."""
+    if not finished and isinstance(stream, Pipe):
+        _kill(stream)
+    try:
+        stream.close()
+    except OSError:
+        if not finished:
+            return None
+    return command_failure(stream) if finished else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +292,7 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def _tar_members(stream: Any, url: str) -> Iterator[tuple[str, bytes]]:
+def tar_members(stream: Any, url: str) -> Iterator[tuple[str, bytes]]:
     """(name, data) of the regular files of an uncompressed tar stream, in order.
 
     A small reader of our own: Python's ``tarfile`` spent ~12% of the loader's time on
@@ -311,17 +355,19 @@ def _tarfile_members(stream: Any, url: str) -> Iterator[tuple[str, bytes]]:
 def iter_samples(url: str) -> Iterator[RawSample]:
     """The samples of one shard in order.
 
-    Raises ``ShardReadError`` when the shard cannot be opened, is not a tar, or breaks off
-    (truncated): samples completed before the break have been yielded; the partial one is dropped.
+    Raises ``ShardReadError`` when the shard cannot be opened, is not a tar, breaks off
+    (truncated) or its command fails: samples completed before the break have been yielded; the
+    partial one is dropped.
     """
     stream = open_shard(url)
+    finished = False
     failure: str | None = None
     try:
         key: str | None = None
         members: dict[str, bytes] = {}
         index = 0
         try:
-            for name, data in _tar_members(stream, url):
+            for name, data in tar_members(stream, url):
                 member_key, ext = split_member_name(name)
                 if member_key != key:
                     if key is not None:
@@ -330,14 +376,16 @@ def iter_samples(url: str) -> Iterator[RawSample]:
                     key, members = member_key, {}
                 members[ext] = data
         except OSError as err:
+            # webdataset's Pipe raises on a read once its command has failed
+            if failed := command_failure(stream):
+                raise ShardReadError(f"shard command for {url} failed ({failed})") from err
             if isinstance(err, ShardReadError):
                 raise
             raise ShardReadError(f"shard {url} cannot be read: {err}") from err
         if key is not None:
             yield RawSample(key, index, members)
+        finished = True
     finally:
-        stream.close()
-        if isinstance(stream, _PipeStream):
-            failure = stream.failure()
+        failure = close_shard(stream, finished)
     if failure:
         raise ShardReadError(f"shard command for {url} failed ({failure})")
