@@ -141,6 +141,24 @@ def test_base_and_inpainting_train_from_the_latent_shards_the_demo_encoded(
         assert wall > 0 and cpu > 0, stage.name
 
 
+def test_the_v_stage_trains_on_non_square_scenes_in_aspect_ratio_buckets(
+    demo: DemoResult,
+) -> None:
+    """Issue 15 §5: one of the demo's data sets is non-square, so that buckets are used."""
+    buckets = demo.buckets
+    assert sorted(buckets["buckets"]) == ["32x32", "32x48", "48x32"], buckets
+    assert all(n > 0 for n in buckets["buckets"].values()), buckets
+    assert 0 < sum(buckets["buckets"].values()) <= buckets["kept"] < buckets["samples"]
+    saved = (demo.out / "v" / "config.yaml").read_text()
+    assert "shards-wide" in saved and "enabled: true" in saved
+    v = next(s for s in demo.stages if s.name == "v")
+    assert len(v.bucket_step_seconds) >= 2, v.bucket_step_seconds  # several shapes trained
+    report = demo.report.read_text()
+    assert "| bucket (W x H) | samples |" in report
+    for name, count in buckets["buckets"].items():
+        assert f"| {name} | {count} |" in report
+
+
 # ---------------------------------------------------------------------------------------------
 # Did it learn?
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +263,48 @@ def test_the_x4_upscaler_stage_is_the_full_demos_and_named_in_the_quick_report(
     assert "upscaler" not in demo.exports and not demo.sections
     report = demo.report.read_text()
     assert "## x4 upscaler" in report and "Left out of `--quick`" in report
+
+
+def test_the_x4_upscaler_trained_from_the_demos_first_stage_beats_bicubic(
+    demo: DemoResult, tmp_path: Path
+) -> None:
+    """Issue 17 §4: the full demo's upscaler stage, run on the quick run's first-stage file and
+    scenes for 300 steps (250 measured as the least that passes bicubic), against bicubic on
+    held-out scenes (mean abs error, 0-255)."""
+    from sdtrain.launch.demo_upscale import run_upscaler_stage
+
+    up = run_upscaler_stage(demo.out / "shards", tmp_path,
+                            first_stage_file=demo.exports["first-stage"],
+                            scale_factor=demo.scale_factor, steps=300, sampling_steps=10,
+                            seed=0)  # fmt: skip
+    errors = up.mean_abs_error
+    assert errors["sdtrain x4"] < errors["bicubic"], errors
+    assert up.beats_bicubic
+    section = up.markdown(relative_to=tmp_path)
+    assert "## x4 upscaler" in section and up.grid.is_file()
+
+
+def test_the_lora_stage_teaches_the_quick_base_a_star_and_keeps_the_class(
+    demo: DemoResult, tmp_path: Path
+) -> None:
+    """``--quick`` leaves the LoRA stage out (its report says so); the full demo's stage, run
+    here with its quick plan on the quick run's exported base."""
+    from sdtrain.launch.demo import PLANS
+    from sdtrain.launch.demo_lora import run_lora_stage
+    from sdtrain.launch.demo_report import lora_section
+
+    assert PLANS["full"].lora and not PLANS["quick"].lora
+    assert not demo.lora and "lora" not in demo.exports
+    report = demo.report.read_text()
+    assert "## LoRA" in report and "teaches the base" in report
+    lora = run_lora_stage(tmp_path, demo.exports["base"], demo.scale_factor, quick=True, seed=0)
+    figures = f"star {lora.star_rate}, class {lora.class_rate}, chance {lora.chance}"
+    assert lora.star_rate["after"] > lora.star_rate["before"], figures
+    assert lora.star_rate["after"] > lora.chance, figures
+    assert lora.class_rate["after"] >= 0.5, figures
+    assert lora.export.is_file() and all(p.is_file() for p in lora.grids.values())
+    section = lora_section(lora, tmp_path)
+    assert "chance 0.25" in section and "samples/lora-after.png" in section
 
 
 def test_an_earlier_demo_run_is_kept_unless_overwrite(tmp_path: Path) -> None:

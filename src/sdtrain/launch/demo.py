@@ -22,6 +22,9 @@ download.
 7. eval (full demo only, ``launch/demo_eval.py``): the base and v models over guidance scales,
    random-feature FD / KID / CLIP score (seeded random extractors, never called FID) and colour
    accuracy per scale; ``--quick`` leaves it out for its time goal and its report says so.
+8. x4 upscaler and LoRA (full demo only, ``launch/demo_upscale.py``, ``launch/demo_lora.py``):
+   the upscaler scored against bicubic; a LoRA that teaches the base "a sks shape" = a star,
+   star rate and class-prompt shape before and after; ``--quick`` leaves both out, saying so.
 
 Every stage is an ordinary config in ``configs/demo/`` run by the ordinary entry points
 (``fit``, ``export_run``, ``sample_images``); the demo only chains them and sets ``data.shards``,
@@ -59,6 +62,7 @@ from sdtrain.launch.demo_report import (
     dominant_colour,
     grid_prompts,
     latent_step_ratio,
+    lora_section,
     masked_colour,
     overview_image,
     read_metrics,
@@ -73,6 +77,11 @@ from sdtrain.utils.progress import progress
 
 LATENTS = ("data.latents=true", "data.text_embeddings=true")
 """The overrides that train a stage from the demo's latent shards (``Demo.encode``)."""
+WIDE_RATIOS = [2 / 3, 1.0, 1.5]
+"""Width / height of the v stage's non-square scenes (64x96, 80x80, 96x64 px)."""
+BUCKETS = ("data.buckets.enabled=true", "data.buckets.sizes=[[48,32],[32,32],[32,48]]")
+"""The v stage's aspect-ratio buckets (sides divide by 16, as the demo's UNet needs; the
+generated set at 32 px area holds only 32x32, hence the list)."""
 
 STAGES = ("first-stage", "base", "inpainting", "v")
 SCALE = 5.0
@@ -98,17 +107,26 @@ class DemoPlan:
     v_steps: int
     sampling_steps: int
     """DDIM steps of the sample grids."""
+    wide_samples: int = 250
+    """Non-square scene samples the v stage trains on (with aspect-ratio buckets)."""
     eval_scales: tuple[float, ...] = ()
     """Guidance scales of the eval stage (``launch/demo_eval.py``); empty: the stage is left
     out (``--quick``: its time goal has no room for it)."""
     upscaler_steps: int = 0
     """Training steps of the x4 upscaler stage (``launch/demo_upscale.py``); 0: left out
     (``--quick``: it beats bicubic only after ~250 steps, ~90 s of CPU)."""
+    lora: bool = False
+    """Whether the LoRA stage runs (``launch/demo_lora.py``, its full plan: 400 steps); off in
+    ``--quick`` (its quick plan alone costs ~42 s of CPU)."""
 
 
 PLANS = {
     "full": DemoPlan(
-        4000, 1500, 2500, 1000, 1200, 400, 50, eval_scales=(1.0, 3.0, 5.0), upscaler_steps=400
+        *(4000, 1500, 2500, 1000, 1200, 400, 50),
+        wide_samples=1000,
+        eval_scales=(1.0, 3.0, 5.0),
+        upscaler_steps=400,
+        lora=True,
     ),
     "quick": DemoPlan(1500, 500, 550, 250, 200, 30, 25),
 }
@@ -142,25 +160,38 @@ class StepTimer(pl.Callback):
         self.skip = skip
         self.wall: list[float] = []
         self.cpu: list[float] = []
+        self.bucket: list[str] = []
+        """Each timed step's bucket (``WxH``; ``""`` without buckets)."""
         self._seen = 0
         self._last = (0.0, 0.0)
 
     def on_train_start(self, *args: Any) -> None:
         self._seen = 0
 
-    def on_train_batch_end(self, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, *args: Any
+    ) -> None:
         now = (time.perf_counter(), time.process_time())
         self._seen += 1
         if self._seen > self.skip:
             self.wall.append(now[0] - self._last[0])
             self.cpu.append(now[1] - self._last[1])
+            size = batch.get("bucket_size") if isinstance(batch, dict) else None
+            self.bucket.append("" if size is None else f"{int(size[0][1])}x{int(size[0][0])}")
         self._last = now
 
-    def median(self) -> tuple[float, float]:
-        """(wall, CPU) seconds per step, medians (0 when nothing was timed)."""
-        if not self.wall:
+    def median(self, bucket: str | None = None) -> tuple[float, float]:
+        """(wall, CPU) seconds per step, medians (0 when nothing was timed); ``bucket``: of the
+        steps whose batch was that bucket only."""
+        keep = [i for i, b in enumerate(self.bucket) if bucket is None or b == bucket]
+        if not keep:
             return 0.0, 0.0
-        return float(np.median(self.wall)), float(np.median(self.cpu))
+        return (float(np.median([self.wall[i] for i in keep])),
+                float(np.median([self.cpu[i] for i in keep])))  # fmt: skip
+
+    def per_bucket(self) -> dict[str, tuple[float, float]]:
+        """``median(bucket)`` of every bucket seen (empty without buckets)."""
+        return {b: self.median(b) for b in sorted(set(self.bucket)) if b}
 
 
 class InterruptAt(pl.Callback):
@@ -249,6 +280,29 @@ class Demo:
         (self.out / "filter-stats.json").write_text(json.dumps(stats, indent=2))
         print(f"filters: seen {stats['seen']}, kept {stats['kept']}, rejected "
               f"{stats['rejected']}, errors {stats['errors']}")  # fmt: skip
+        self.wide_data()
+
+    def wide_data(self) -> None:
+        """The v stage's non-square scenes (``shards-wide/``) and how they fall into its
+        aspect-ratio buckets (``sdtrain data stats --buckets``)."""
+        from sdtrain.data.buckets import UPSCALE_REASON
+        from sdtrain.data.synthetic import SceneSpec, write_scene_shards
+        from sdtrain.launch.data_cli import collect_stats
+
+        spec = SceneSpec(samples=self.plan.wide_samples, per_shard=250, side=80,
+                         aspect_ratios=WIDE_RATIOS, seed=self.seed + 1)  # fmt: skip
+        shards = write_scene_shards(self.out / "shards-wide", spec)
+        cfg = stage_config("v", self.stage_overrides("v", self.wide_source()))
+        stats = collect_stats(cfg.data)
+        self.result.buckets = {
+            "shards": len(shards),
+            "samples": spec.samples,
+            "kept": stats.kept,
+            "buckets": dict(sorted(stats.buckets.items())),
+            "dropped_upscale": stats.rejected.get(UPSCALE_REASON, 0),
+        }
+        print(f"v stage's scenes: {spec.samples} non-square, kept {stats.kept}; per bucket "
+              f"{self.result.buckets['buckets']}")  # fmt: skip
 
     def first_stage(self) -> None:
         from sdtrain.trainer.first_stage import FirstStageLoss, train_first_stage
@@ -299,15 +353,22 @@ class Demo:
             "seconds": round(time.perf_counter() - start, 1),
         }
 
+    def latent_source(self) -> list[str]:
+        return [f"data.shards={self.out / 'latents'}", *LATENTS]
+
+    def wide_source(self) -> list[str]:
+        return [f"data.shards={self.out / 'shards-wide'}", *BUCKETS]
+
     def unet_stage(
         self,
         stage: str,
         steps: int,
         init_from: Path,
         interrupt_at: int = 0,
-        data: Sequence[str] = LATENTS,
+        data: Sequence[str] = (),
     ) -> StageResult:
-        """Train one UNet stage (``data``: overrides of its data source) and export it."""
+        """Train one UNet stage (``data``: overrides of its data source, e.g.
+        ``latent_source()``; none: the image shards) and export it."""
         from sdtrain.launch.export import export_run
         from sdtrain.trainer.fit import fit
 
@@ -335,7 +396,8 @@ class Demo:
         print(export_run(run, export).summary())
         result = StageResult(stage, cfg.model.diffusion.parameterization, steps, run, init_from,
                              time.perf_counter() - start, export, data=source_name(data),
-                             step_seconds=timer.median())  # fmt: skip
+                             step_seconds=timer.median(),
+                             bucket_step_seconds=timer.per_bucket())  # fmt: skip
         self.result.stages.append(result)
         self.result.exports[stage] = export
         return result
@@ -456,14 +518,34 @@ class Demo:
         print(f"x4 upscaler: mean abs error {up.mean_abs_error['sdtrain x4']:.2f} vs bicubic "
               f"{up.mean_abs_error['bicubic']:.2f} (0-255)")  # fmt: skip
 
+    def lora(self) -> None:
+        """The LoRA stage: "a sks shape" taught as a star (a shape no scene holds) to the
+        exported base, with prior preservation on a class prompt the base knows; the shape of
+        each prompt's samples before and after, measured by a shape classifier."""
+        from sdtrain.launch.demo_lora import run_lora_stage
+
+        banner("LoRA: 'a sks shape' = a star, DreamBooth-style with prior preservation")
+        with quiet_data_log():
+            lora = run_lora_stage(self.out, self.result.exports["base"], self.result.scale_factor,
+                                  quick=self.result.quick, seed=self.seed)  # fmt: skip
+        self.result.stages.append(StageResult("lora", "eps (LoRA)", lora.steps, lora.run_dir,
+                                              self.result.exports["base"], lora.seconds,
+                                              lora.export))  # fmt: skip
+        self.result.exports["lora"] = lora.export
+        self.result.grids["lora-before"] = lora.grids["before"]
+        self.result.grids["lora-after"] = lora.grids["after"]
+        self.result.quality.update(lora.quality())
+        self.result.lora = lora.to_json()
+        self.result.sections.append(lora_section(lora, self.out))
+        print("\n".join(f"{k}: {v}" for k, v in lora.quality().items()))
+
     def stage_overrides(self, stage: str, data: Sequence[str] = ()) -> list[str]:
         """The demo's overrides of a stage: run folder, seeds, measured latent scale, and
-        ``data`` (``LATENTS``: the latent shards instead of the image shards)."""
-        shards = [f"data.shards={self.out / 'latents'}", *data] if data else []
+        ``data`` (another data source: ``latent_source()``, ``wide_source()``)."""
         return [
             *self.common(stage),
             f"model.autoencoder.scale_factor={self.result.scale_factor}",
-            *shards,
+            *data,
         ]
 
     def stage_cfg(self, stage: str) -> ExperimentConfig:
@@ -474,6 +556,8 @@ class Demo:
         curves = {"first stage: L1": read_metrics(self.out / "first-stage", "train/l1")}
         for stage in STAGES[1:]:
             curves[f"{stage}: loss"] = read_metrics(self.out / stage, "train/loss")
+        if self.result.lora:
+            curves["lora: loss"] = read_metrics(self.out / "lora", "train/loss")
         marks = {"base: loss": self.result.resume.get("stopped_at", 0)}
         self.result.loss_plot = plot_losses(curves, marks, self.out / "loss-curves.png")
         ratio = latent_step_ratio(self.result)
@@ -502,32 +586,38 @@ class Demo:
         banner(f"3/6 base text-to-image UNet (eps), {plan.base_steps} steps; interrupted after "
                f"step {plan.interrupt_at} and resumed")  # fmt: skip
         self.encode()
-        base = self.unet_stage("base", plan.base_steps, self.first_stage_ckpt, plan.interrupt_at)
+        base = self.unet_stage("base", plan.base_steps, self.first_stage_ckpt, plan.interrupt_at,
+                               self.latent_source())  # fmt: skip
         self.result.resume["final_step"] = plan.base_steps
         assert base.export is not None
         banner(
             f"4/6 inpainting UNet from the base (4 -> 9 channels), {plan.inpainting_steps} steps"
         )
-        self.unet_stage("inpainting", plan.inpainting_steps, base.export)
-        banner(f"5/6 v-objective variant fine-tuned from the base, {plan.v_steps} steps")
-        self.unet_stage("v", plan.v_steps, base.export, data=())
+        self.unet_stage("inpainting", plan.inpainting_steps, base.export, data=self.latent_source())
+        banner(f"5/6 v-objective variant fine-tuned from the base, {plan.v_steps} steps, on "
+               "non-square scenes in aspect-ratio buckets")  # fmt: skip
+        self.unet_stage("v", plan.v_steps, base.export, data=self.wide_source())
         self.samples()
         if plan.eval_scales:
             self.evaluate()
         if plan.upscaler_steps:
             self.upscaler()
+        if plan.lora:
+            self.lora()
         self.result.seconds = time.perf_counter() - start
         self.report()
         return self.result
 
 
 def source_name(data: Sequence[str]) -> str:
-    return "latent shards" if data else "image shards"
+    return "latent shards" if "data.latents=true" in data else "image shards"
 
 
 def holds_demo(out: Path) -> bool:
     """Whether ``out`` holds (part of) an earlier demo run."""
-    return (out / "demo.json").exists() or any((out / s).is_dir() for s in ("shards", *STAGES))
+    return (out / "demo.json").exists() or any(
+        (out / s).is_dir() for s in ("shards", "shards-wide", *STAGES)
+    )
 
 
 def run_demo(

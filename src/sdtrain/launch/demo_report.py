@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sdtrain.config.resolve import configs_dir
 from sdtrain.utils.images import image_grid, save_png, to_image
+
+if TYPE_CHECKING:
+    from sdtrain.launch.demo_lora import LoraStageResult
 
 COLOURS = ("red", "green", "blue", "yellow")
 GRID_TEMPLATES = (
@@ -203,6 +206,8 @@ class StageResult:
     """What the stage trained from: ``image shards`` or ``latent shards`` (``data.latents``)."""
     step_seconds: tuple[float, float] = (0.0, 0.0)
     """Median (wall, process CPU) seconds per optimiser step (UNet stages)."""
+    bucket_step_seconds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """``step_seconds`` per aspect-ratio bucket (``WxH``) of a stage trained with buckets."""
 
 
 @dataclass
@@ -224,7 +229,12 @@ class DemoResult:
     """The eval stage's table (``DemoEvalTable.to_json``); empty when it was left out."""
     eval_markdown: str = ""
     sections: list[str] = field(default_factory=list)
-    """Report sections of the full demo's extra stages (x4 upscaler)."""
+    """Report sections of the full demo's extra stages (x4 upscaler, LoRA)."""
+    buckets: dict[str, Any] = field(default_factory=dict)
+    """The v stage's non-square scenes: shards, samples, kept, ``buckets`` {WxH: n},
+    ``dropped_upscale``."""
+    lora: dict[str, Any] = field(default_factory=dict)
+    """The LoRA stage's figures (``LoraStageResult.to_json``); empty when it was left out."""
     exports: dict[str, Path] = field(default_factory=dict)
     grids: dict[str, Path] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
@@ -253,13 +263,22 @@ class DemoResult:
         return "\n".join(lines)
 
 
+RATIO_BUCKET = "32x32"
+"""The v stage's bucket whose steps have the base's shape (the latents ratio)."""
+
+
 def latent_step_ratio(result: DemoResult) -> float | None:
     """CPU seconds per step of the v stage (image shards: VAE and text encoder every step) over
-    the base's (latent shards): the same UNet and batch, so the ratio is what the latents save."""
-    steps = {s.name: s.step_seconds[1] for s in result.stages}
-    if steps.get("base") and steps.get("v"):
-        return steps["v"] / steps["base"]
-    return None
+    the base's (latent shards): the same UNet and batch, so the ratio is what the latents save.
+    The v stage trains in aspect-ratio buckets: only its steps on the square bucket (the base's
+    32x32) count, so that both sides are the same shape."""
+    stages = {s.name: s for s in result.stages}
+    if "base" not in stages or "v" not in stages:
+        return None
+    v = stages["v"]
+    v_cpu = v.bucket_step_seconds.get(RATIO_BUCKET, v.step_seconds)[1]
+    base_cpu = stages["base"].step_seconds[1]
+    return v_cpu / base_cpu if v_cpu and base_cpu else None
 
 
 def latents_lines(result: DemoResult) -> list[str]:
@@ -271,15 +290,74 @@ def latents_lines(result: DemoResult) -> list[str]:
         f"embeddings and crops into {latents['shards']} latent shards (`latents/`) in "
         f"{latents['seconds']:.0f} s; the base and inpainting stages train from them "
         "(`data.latents: true`, the masked image still encoded per step), the v stage from the "
-        "image shards."
+        "non-square image shards."
     ]
+    if result.buckets:
+        lines += ["", *bucket_lines(result)]
     ratio = latents.get("step_cpu_ratio_images_over_latents")
     if ratio is not None:
         lines[0] += (
             f" Measured here: a step on image shards (v) takes {ratio:.2f}x the CPU time of one "
-            "on latent shards (base), same UNet and batch."
+            "on latent shards (base), same UNet and batch (the median of the v stage's steps on "
+            f"its {RATIO_BUCKET} bucket, the base's shape, against the median of the base's)."
         )
     return lines
+
+
+def bucket_lines(result: DemoResult) -> list[str]:
+    """The v stage's non-square data: how its scenes fall into the aspect-ratio buckets (as
+    ``sdtrain data stats --buckets`` counts them) and its step time per bucket."""
+    b = result.buckets
+    kept = sum(b["buckets"].values())
+    steps = {s.name: s for s in result.stages}.get("v")
+    per_step = steps.bucket_step_seconds if steps else {}
+    lines = [
+        f"The v stage trains on {b['samples']} non-square scenes (`shards-wide/`, width / height "
+        "2:3, 1:1, 3:2) in aspect-ratio buckets (`data.buckets`, every batch one bucket; "
+        f"`sdtrain data stats --buckets`): {kept} of {b['kept']} kept samples placed, "
+        f"{b['dropped_upscale']} dropped for needing more than the allowed upscale.",
+        "",
+        "| bucket (W x H) | samples | share | v step ms (wall / CPU) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, count in b["buckets"].items():
+        share = f"{count / kept:.1%}" if kept else "-"
+        wall, cpu = per_step.get(name, (0.0, 0.0))
+        timing = f"{wall * 1000:.0f} / {cpu * 1000:.0f}" if wall else "—"
+        lines.append(f"| {name} | {count} | {share} | {timing} |")
+    return lines
+
+
+def lora_section(lora: LoraStageResult, out: Path) -> str:
+    """The report's "## LoRA" section: what was taught, both grids and the two measured rates
+    (a shape classifier on the scenes' geometry; chance 1/4)."""
+    rel = lambda p: Path(p).relative_to(out).as_posix()  # noqa: E731
+    n = lora.samples
+    count = lambda rate: f"{round(rate * n)}/{n}"  # noqa: E731
+    lines = [
+        "## LoRA (DreamBooth-style, prior preservation)",
+        "",
+        f"A rank-8 LoRA on the exported base, {lora.steps} steps (`launch/demo_lora.py`, "
+        f'`configs/demo/lora.yaml`): "a sks shape" taught as a five-pointed star, a shape no '
+        f'scene holds, with class images of "{lora.class_prompt}" generated by the base '
+        f"itself (prior preservation). Adapter: `{rel(lora.export)}` (kohya layout).",
+        "",
+        f'Each grid: row 1 "a sks shape", row 2 the class prompt, {n} samples each; shapes '
+        f"read by a template classifier (circle, square, triangle, star: chance "
+        f"{lora.chance:.2f}).",
+        "",
+        "| prompt | measured | before | after |",
+        "|---|---|---:|---:|",
+        f"| a sks shape | star | {count(lora.star_rate['before'])} | "
+        f"{count(lora.star_rate['after'])} |",
+        f"| {lora.class_prompt} | {lora.class_shape} | {count(lora.class_rate['before'])} | "
+        f"{count(lora.class_rate['after'])} |",
+        "",
+        f"Before (base): ![LoRA before]({rel(lora.grids['before'])})",
+        "",
+        f"After (base + adapter): ![LoRA after]({rel(lora.grids['after'])})",
+    ]
+    return "\n".join(lines)
 
 
 def write_report(result: DemoResult) -> Path:
@@ -375,6 +453,12 @@ def write_report(result: DemoResult) -> Path:
                 "",
                 "Left out of `--quick` (it passes bicubic only after ~250 training steps, about "
                 "90 s of CPU): `sdtrain demo` trains it (`launch/demo_upscale.py`).",
+                "",
+                "## LoRA (DreamBooth-style, prior preservation)",
+                "",
+                "Left out of `--quick` (its time goal has no room for it): `sdtrain demo` "
+                'teaches the base "a sks shape" = a star with a LoRA and measures the star '
+                "rate and the class prompt's shape before and after (`launch/demo_lora.py`).",
                 "",
             ]
         ),
