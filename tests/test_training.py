@@ -170,8 +170,8 @@ def test_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(
 
     original = module_lib.LatentDiffusionModule.diffusion_loss
 
-    def poisoned(self, batch, g):
-        loss = original(self, batch, g)
+    def poisoned(self, batch, g, *rest):
+        loss = original(self, batch, g, *rest)
         return loss * float("nan") if self.global_step >= 2 else loss
 
     monkeypatch.setattr(module_lib.LatentDiffusionModule, "diffusion_loss", poisoned)
