@@ -35,14 +35,12 @@ module is the orchestration; the prompts, scene metrics, pictures and ``report.m
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +63,7 @@ from sdtrain.launch.demo_report import (
     lora_section,
     masked_colour,
     overview_image,
+    quiet_data_log,
     read_metrics,
     region_differences,
     save_grid,
@@ -210,18 +209,6 @@ class InterruptAt(pl.Callback):
     def planned(self, stop: RunInterrupted) -> bool:
         """Whether ``stop`` is this interruption alone (not a signal from outside as well)."""
         return self.sent and stop.received == (signal.SIGUSR1,) and not stop.requeued
-
-
-@contextlib.contextmanager
-def quiet_data_log() -> Iterator[None]:
-    """Broken samples are counted (and shown once in the filter stats), not logged each epoch."""
-    data_log = logging.getLogger("sdtrain.data")
-    level = data_log.level
-    data_log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        data_log.setLevel(level)
 
 
 def banner(text: str) -> None:

@@ -6,7 +6,10 @@ tests/test_demo.py checks these metrics on drawn scenes.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -475,3 +478,15 @@ def write_report(result: DemoResult) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+@contextlib.contextmanager
+def quiet_data_log() -> Iterator[None]:
+    """Broken samples are counted (and shown once in the filter stats), not logged each epoch."""
+    data_log = logging.getLogger("sdtrain.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        data_log.setLevel(level)

@@ -12,11 +12,9 @@ bicubic upsampling. The grid's rows are low-res (nearest) | bicubic | sdtrain x4
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import resource
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sdtrain.config.resolve import configs_dir
+from sdtrain.launch.demo_report import quiet_data_log
 from sdtrain.utils.files import PathLike
 
 if TYPE_CHECKING:
@@ -203,18 +202,6 @@ def stage_config(stage: str, overrides: Sequence[str]) -> ExperimentConfig:
     from sdtrain.trainer.experiment import load_config
 
     return load_config([configs_dir("demo") / f"{stage}.yaml"], list(overrides))
-
-
-@contextlib.contextmanager
-def quiet_data_log() -> Iterator[None]:
-    """Broken scene samples are counted by the demo's filter stats, not logged each epoch."""
-    data_log = logging.getLogger("sdtrain.data")
-    level = data_log.level
-    data_log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        data_log.setLevel(level)
 
 
 def _train_first_stage(common: list[str], run_dir: Path, steps: int) -> tuple[Path, float]:
