@@ -10,9 +10,6 @@ import dataclasses
 import io
 import json
 import math
-import signal
-import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +18,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_training import env, final_weights, fit_command, in_process_cfg, metrics, run_fit
+from test_training import (
+    final_weights,
+    fit_command,
+    in_process_cfg,
+    kill_at_checkpoint,
+    metrics,
+    run_fit,
+)
 
 from sdtrain.data.buckets import Bucket, BucketConfig, BucketSet, cover_scale, generate_buckets
 from sdtrain.data.config import DataConfig, FilterConfig, ImageConfig, MaskConfig
@@ -310,18 +314,8 @@ def test_sigkill_and_resume_with_buckets_is_bit_identical(shards: str, tmp_path:
     run_fit("tiny-inpainting", shards, straight, *steps)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        fit_command("tiny-inpainting", shards, killed, *steps),
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     target = killed / "checkpoints" / "step=00000002.ckpt"
-    deadline = time.monotonic() + 300
-    while not target.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_at_checkpoint(fit_command("tiny-inpainting", shards, killed, *steps), target)
     assert target.exists(), "the run never reached its step-2 checkpoint"
     assert not (killed / "checkpoints" / "step=00000006.ckpt").exists(), "killed too late"
     state = torch.load(target, weights_only=True)["sdtrain"]["data"][0]

@@ -54,24 +54,27 @@ def final_weights(run_dir: Path, step: int) -> tuple[dict, dict]:
     return unet, ckpt["sdtrain"]["ema"]["shadow"]
 
 
+def kill_at_checkpoint(command: list[str], target: Path, timeout: float = 300) -> None:
+    """Runs ``command`` (a fit) until its checkpoint ``target`` exists (or it ends, or ``timeout``
+    seconds pass), then SIGKILLs it: the callers check where it stopped."""
+    process = subprocess.Popen(
+        command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + timeout
+    while not target.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
 def test_sigkill_and_resume_is_bit_identical(shards: str, tmp_path: Path) -> None:
     steps = ("trainer.max_steps=8", "checkpoint.every_n_steps=2", "data.num_workers=2")
     straight = tmp_path / "straight"
     run_fit("tiny-inpainting", shards, straight, *steps)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        fit_command("tiny-inpainting", shards, killed, *steps),
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     target = killed / "checkpoints" / "step=00000004.ckpt"
-    deadline = time.monotonic() + 300
-    while not target.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_at_checkpoint(fit_command("tiny-inpainting", shards, killed, *steps), target)
     assert target.exists(), "the run never reached its step-4 checkpoint"
     assert not (killed / "checkpoints" / "step=00000008.ckpt").exists(), "killed too late"
     run_fit("tiny-inpainting", shards, killed, *steps, "resume=auto")

@@ -5,14 +5,11 @@ step's seeded generator; this checks that they come back the same after a restar
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_training import env, final_weights, fit_command, run_fit
+from test_training import final_weights, fit_command, kill_at_checkpoint, run_fit
 
 from sdtrain.data.synthetic import SyntheticSpec, write_synthetic_shards
 
@@ -29,18 +26,8 @@ def test_sigkill_and_resume_of_the_upscaler_is_bit_identical(tmp_path: Path) -> 
     run_fit(EXPERIMENT, shards, straight, *STEPS)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        fit_command(EXPERIMENT, shards, killed, *STEPS),
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     target = killed / "checkpoints" / "step=00000002.ckpt"
-    deadline = time.monotonic() + 300
-    while not target.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_at_checkpoint(fit_command(EXPERIMENT, shards, killed, *STEPS), target)
     assert target.exists(), "the run never reached its step-2 checkpoint"
     assert not (killed / "checkpoints" / "step=00000006.ckpt").exists(), "killed too late"
     run_fit(EXPERIMENT, shards, killed, *STEPS, "resume=auto")
