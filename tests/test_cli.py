@@ -64,6 +64,30 @@ def test_checkpoint_inspect_and_convert(tmp_path: Path, capsys) -> None:
     assert "truncated.ckpt" in capsys.readouterr().err
 
 
+def test_fit_in_process_gives_the_callers_signal_handlers_back(tmp_path: Path, capsys) -> None:
+    """``main`` turns SIGTERM / SIGINT into a stop while a fit starts up; called in-process (as
+    tests do), it puts the caller's handlers back when it returns and when it raises."""
+    import signal
+
+    def callers(signum: int, frame: object) -> None:
+        raise AssertionError("not expected to run")
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for sig in saved:
+            signal.signal(sig, callers)
+        missing = tmp_path / "missing.yaml"
+        assert main(["fit", "--config", str(missing)]) == EXIT_USAGE  # returns
+        assert "missing.yaml" in capsys.readouterr().err
+        assert all(signal.getsignal(sig) is callers for sig in saved)
+        with pytest.raises(SystemExit):  # raises (argparse)
+            main(["fit", "--no-such-option"])
+        assert all(signal.getsignal(sig) is callers for sig in saved)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def test_console_script_help_runs() -> None:
     exe = Path(sys.executable).parent / "sdtrain"
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "sdtrain.launch.cli"]

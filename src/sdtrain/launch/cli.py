@@ -11,8 +11,9 @@ Exit codes: 0 ok, 2 usage or config error (and a run folder another run holds), 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from sdtrain.config.resolve import resolve_config_path
@@ -651,9 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stop_while_starting() -> None:
+@contextlib.contextmanager
+def _stop_while_starting() -> Iterator[None]:
     """Until a run installs its own handlers (``trainer/preemption.py``: after the imports),
-    SIGTERM / SIGINT end it with a message instead of silently."""
+    SIGTERM / SIGINT end it with a message instead of silently. The handlers from before are
+    back when the command returns or raises (``main`` called in-process keeps its caller's)."""
     import signal
 
     def stop(signum: int, frame: object) -> None:
@@ -662,8 +665,13 @@ def _stop_while_starting() -> None:
         name = signal.Signals(signum).name
         raise RunInterrupted(signum, f"stopped by {name} while starting up (nothing trained)")
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            # None: a handler installed outside Python, which cannot be put back from here
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -671,13 +679,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sdtrain.errors import RunInterrupted
 
     words = sys.argv[1:] if argv is None else list(argv)
-    if words[:1] in (["fit"], ["demo"]):
-        _stop_while_starting()
-    try:
-        return _run(argv)
-    except RunInterrupted as stop:
-        print(f"sdtrain {words[0]}: {stop}", file=sys.stderr)
-        return stop.exit_code
+    starting = words[:1] in (["fit"], ["demo"])
+    with _stop_while_starting() if starting else contextlib.nullcontext():
+        try:
+            return _run(argv)
+        except RunInterrupted as stop:
+            print(f"sdtrain {words[0]}: {stop}", file=sys.stderr)
+            return stop.exit_code
 
 
 def _run(argv: Sequence[str] | None) -> int:
