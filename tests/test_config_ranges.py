@@ -123,6 +123,7 @@ OUT_OF_RANGE: dict[str, str] = {
     "finetune.lora.rank": "0",
     "finetune.lora.alpha": "0",
     "finetune.lora.dropout": "1.0",
+    "finetune.text_encoder_lr": "-1",
     "checkpoint.every_n_steps": "0",
     "checkpoint.keep_last": "0",
     "validation.every_n_steps": "-1",

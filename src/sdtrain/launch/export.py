@@ -12,9 +12,14 @@ depth model's ``depth_model.*``: its estimator, or with ``model.depth.source: sh
 ``init_from`` file's, unchanged), readable by ``read_checkpoint`` and by the tools that read
 released Stable Diffusion files.
 
+With ``finetune.train_text_encoder`` the checkpoint also holds the trained text encoder
+(``model.text_encoder.*``; a LoRA run: its adapter), which replaces the rebuilt one, so
+``cond_stage_model.*`` (diffusers: ``text_encoder/``) is the text encoder as trained.
+
 EMA: released files (``512-base-ema.ckpt`` ...) carry the EMA weights *as* the UNet. That is the
 default here whenever the run kept an EMA; ``use_ema=False`` exports the raw weights and
-``with_ema=True`` stores raw weights as the UNet plus the EMA under ``model_ema.*``.
+``with_ema=True`` stores raw weights as the UNet plus the EMA under ``model_ema.*``. The EMA
+covers the UNet (or its adapter) only: a trained text encoder is exported as trained.
 """
 
 from __future__ import annotations
@@ -106,7 +111,8 @@ def training_seed(seed: int) -> Iterator[None]:
 
 
 def rebuild_model(ckpt: TrainingCheckpoint, weights: Weights) -> StableDiffusion:
-    """The run's model as training built it, with the chosen UNet weights; in eval mode, CPU."""
+    """The run's model as training built it, with the chosen UNet weights (and a trained text
+    encoder's weights, never an EMA); in eval mode, CPU."""
     from sdtrain.trainer.fit import build_module
 
     cfg = ckpt.config
@@ -124,12 +130,23 @@ def rebuild_model(ckpt: TrainingCheckpoint, weights: Weights) -> StableDiffusion
             f"failed: {err}",
             ckpt.path,
         ) from err
+    if cfg.finetune.train_text_encoder and not ckpt.text_encoder:
+        raise CheckpointError(
+            "holds no text encoder weights (model.text_encoder.*) although its run trained the "
+            "text encoder (finetune.train_text_encoder: true)",
+            ckpt.path,
+        )
     if ckpt.is_adapter:
         load_adapter_state(model.unet, ckpt.unet_weights(weights), source=str(ckpt.path))
+        if ckpt.text_encoder:
+            load_adapter_state(model.text_encoder, ckpt.text_encoder, source=str(ckpt.path))
         return model.eval()
     load_state_dict_strict(
         model.unet, ckpt.unet_weights(weights), source=str(ckpt.path), what="UNet"
     )
+    if ckpt.text_encoder:
+        load_state_dict_strict(model.text_encoder, ckpt.text_encoder, source=str(ckpt.path),
+                               what="text encoder")  # fmt: skip
     return model.eval()
 
 

@@ -157,6 +157,8 @@ class ConditioningComponent:
     """A 4-channel base UNet may initialise this mode, widened with zero input channels."""
     diffusers_pipeline: ClassVar[str] = "StableDiffusionPipeline"
     """The diffusers pipeline class that loads a model folder of this mode."""
+    trains_text_encoder: ClassVar[bool] = True
+    """``finetune.train_text_encoder`` is meaningful: the prompt steers what this mode draws."""
     image_to_image: ClassVar[bool] = False
     """``sdtrain sample --image`` repaints the image from its latents noised to ``--strength``
     (the original depth2img script); the mode's own inputs may come from the image."""
@@ -462,6 +464,9 @@ class Upscale(ConditioningComponent):
     sample_inputs = ("image",)
     optional_inputs = ("noise_level", "target")
     widens_base = False
+    # Its low-res image fixes the content; the prompt is a weak side input, so a fine-tune
+    # adapts it to degradations, not to words.
+    trains_text_encoder = False
 
     def extra_channels(self, latent_channels: int) -> int:
         return 3

@@ -80,9 +80,11 @@ class StableDiffusion(nn.Module):
         by ``original_parts`` so a round trip of an original depth file keeps them."""
 
     def train(self, mode: bool = True) -> StableDiffusion:
-        """Only the UNet ever trains; the first stage and text encoder stay in eval mode."""
+        """The UNet trains; the first stage stays in eval mode, and so does the text encoder
+        unless it trains (``FrozenTextEncoder.trains``)."""
         self.training = mode
         self.unet.train(mode)
+        self.text_encoder.train(mode)
         return self
 
     def depth_from_images(
@@ -132,9 +134,11 @@ class StableDiffusion(nn.Module):
 
     def hold_frozen_in(self, dtype: torch.dtype) -> None:
         """Hold the frozen autoencoder and text encoder in ``dtype`` (``model.frozen_dtype``);
-        ``encode_images``, ``decode_latents`` and the text context stay float32."""
+        ``encode_images``, ``decode_latents`` and the text context stay float32. A text encoder
+        that trains (``FrozenTextEncoder.trains``) stays float32."""
         self.autoencoder.to(dtype)
-        self.text_encoder.to(dtype)
+        if not self.text_encoder.trains:
+            self.text_encoder.to(dtype)
 
     @property
     def conditioning(self) -> ConditioningComponent:

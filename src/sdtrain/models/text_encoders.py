@@ -14,7 +14,9 @@ checkpoint layouts under ``cond_stage_model.``:
 One module, built from open_clip's ``TextTransformer`` (no vision tower), serves both; the layout
 difference lives only in ``load_original_state_dict`` / ``original_state_dict``, which read and
 write the checkpoint keys without the ``cond_stage_model.`` prefix, strictly and in the original
-order. The encoder is always frozen: it never trains and its parameters never take gradients.
+order. The encoder is frozen (no gradients, eval mode) unless training asks for it
+(``finetune.train_text_encoder``: ``train_weights`` for full training, ``follow_train_mode`` for an
+adapter on it).
 """
 
 from __future__ import annotations
@@ -274,7 +276,7 @@ def _list_keys(keys: Sequence[str], limit: int = 5) -> str:
 
 
 class FrozenTextEncoder(nn.Module):
-    """A frozen CLIP text tower: prompts -> token ids -> per-token context ``[B, L, width]``."""
+    """A CLIP text tower, frozen by default: prompts -> token ids -> context ``[B, L, width]``."""
 
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
@@ -296,12 +298,45 @@ class FrozenTextEncoder(nn.Module):
             self.logit_scale = nn.Parameter(torch.full((), math.log(1 / 0.07)))
         # "penultimate" runs every block but the last; the last still exists so keys round-trip.
         self.num_active_blocks = cfg.layers - (1 if cfg.layer == "penultimate" else 0)
+        self.trains = False
+        """Whether ``train(mode)`` follows ``mode`` (set by ``train_weights`` /
+        ``follow_train_mode``); otherwise the encoder stays in eval mode."""
+        self.weights_train = False
+        """Whether every weight takes gradients (``train_weights``)."""
         self.requires_grad_(False)
         self.train(False)
 
     def train(self, mode: bool = True) -> FrozenTextEncoder:
-        """Ignore ``mode``: the encoder stays in eval mode whatever the surrounding module does."""
-        return super().train(False)
+        """Eval mode whatever ``mode`` is, unless the encoder trains (``trains``)."""
+        return super().train(mode and self.trains)
+
+    def train_weights(self) -> None:
+        """Every weight the context depends on takes gradients and ``train()`` follows the
+        surrounding module (full text-encoder training); loading original weights later keeps
+        this. Weights the context never uses (``penultimate``'s skipped last block, SD2's
+        ``text_projection`` / ``logit_scale``) stay frozen: no gradient would reach them, which
+        DDP without unused-parameter search refuses."""
+        self.follow_train_mode()
+        self.weights_train = True
+        self._set_grad()
+
+    def _set_grad(self) -> None:
+        used = self.used_parameter_names() if self.weights_train else set()
+        for name, param in self.named_parameters():
+            param.requires_grad_(name in used)
+
+    def used_parameter_names(self) -> set[str]:
+        """The parameters ``forward`` uses."""
+        unused = ("model.text_projection", "logit_scale")
+        skipped = [f"model.transformer.resblocks.{i}." for i in
+                   range(self.num_active_blocks, self.cfg.layers)]  # fmt: skip
+        return {name for name, _ in self.named_parameters()
+                if name not in unused and not name.startswith(tuple(skipped))}  # fmt: skip
+
+    def follow_train_mode(self) -> None:
+        """``train()`` follows the surrounding module (an adapter's dropout on the encoder);
+        which parameters take gradients is left as it is."""
+        self.trains = True
 
     @property
     def device(self) -> torch.device:
@@ -396,7 +431,8 @@ class FrozenTextEncoder(nn.Module):
         if on_meta:
             # The non-persistent mask is not in any state dict, so it is still a meta tensor.
             self.model.attn_mask = self.model.build_causal_mask().to(self.device)
-        self.requires_grad_(False)
+        # A frozen encoder stays frozen; a training one (train_weights) keeps training.
+        self._set_grad()
 
     def _check_keys(self, state_dict: Mapping[str, Tensor]) -> None:
         expected = dict(self._original_shapes())

@@ -43,6 +43,7 @@ log = logging.getLogger("sdtrain.trainer")
 CHECKPOINT_RE = re.compile(r"^step=(\d+)\.ckpt$")
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
 TRAINING_UNET_PREFIX = "model.unet."
+TRAINING_TEXT_PREFIX = "model.text_encoder."
 # A run trained with trainer.compile=true saves the UNet from inside its OptimizedModule.
 COMPILED_PREFIX = "_orig_mod."
 SKIPPED_FOLDER = "skipped"
@@ -334,7 +335,7 @@ FROZEN_ON_RESUME: tuple[str, ...] = (
 # ... except these, which change how training runs, not what the weights are.
 FREE_ON_RESUME = frozenset(
     {"model.unet.dropout", "model.unet.use_checkpoint", "model.unet.use_fp16",
-     "model.autoencoder.ddconfig.dropout", "finetune.lora.dropout"}
+     "model.autoencoder.ddconfig.dropout", "finetune.lora.dropout", "finetune.text_encoder_lr"}
 )  # fmt: skip
 
 
@@ -416,6 +417,10 @@ class TrainingCheckpoint:
     """The EMA shadow (same keys, float32), or None when the run kept no EMA."""
     ema_decay: float = 0.9999
     ema_num_updates: int = 0
+    text_encoder: dict[str, Tensor] = field(default_factory=dict)
+    """The trained text encoder (``finetune.train_text_encoder``), keyed like
+    ``FrozenTextEncoder.state_dict()`` (with a LoRA the adapter's tensors only); empty when it
+    stayed frozen. The EMA never covers it: exports take these weights as trained."""
 
     @property
     def is_adapter(self) -> bool:
@@ -496,6 +501,11 @@ def read_training_checkpoint(src: PathLike) -> TrainingCheckpoint:
     }
     if not unet:
         raise CheckpointError(f"holds no UNet weights ({TRAINING_UNET_PREFIX}*)", path)
+    text_encoder = {
+        key.removeprefix(TRAINING_TEXT_PREFIX): value
+        for key, value in (state or {}).items()
+        if key.startswith(TRAINING_TEXT_PREFIX)
+    }
     ema_state = extra.get("ema")
     step = obj.get("global_step")
     return TrainingCheckpoint(
@@ -506,6 +516,7 @@ def read_training_checkpoint(src: PathLike) -> TrainingCheckpoint:
         ema=dict(ema_state["shadow"]) if ema_state else None,
         ema_decay=float(ema_state["decay"]) if ema_state else 0.9999,
         ema_num_updates=int(ema_state["num_updates"]) if ema_state else 0,
+        text_encoder=text_encoder,
     )
 
 

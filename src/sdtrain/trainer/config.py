@@ -226,3 +226,24 @@ class FinetuneConfig:
     training checkpoints hold only the adapter (the base weights come from ``init_from``)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """The adapter (used with ``method: lora``)."""
+    train_text_encoder: bool = False
+    """Train the text encoder too: with ``method: full`` its weights (a second AdamW parameter
+    group, same warm-up), with ``method: lora`` an adapter on it. Captions are then encoded with
+    gradients every step (no cached ``data.text_embeddings``); dropped captions are the empty
+    prompt encoded by the current encoder. The training checkpoints hold the trained text
+    encoder weights (the adapter's with LoRA); exports write them under ``cond_stage_model.*``
+    (LoRA: ``lora_te_*`` / ``text_encoder.*`` keys). The EMA covers the UNet (or its adapter)
+    only: the text encoder is exported as trained. It is held in float32 whatever
+    ``model.frozen_dtype`` says."""
+    text_encoder_lr: float = 0.0
+    """The text encoder's learning rate (with ``train_text_encoder``); 0 = ``optim.lr``. Scaled
+    by the global batch like ``optim.lr`` when ``optim.scale_lr``; may change on resume."""
+
+    def __post_init__(self) -> None:
+        require_finite(self)
+        require_range(self, "text_encoder_lr", low=0, note="0 = optim.lr")
+        if self.text_encoder_lr and not self.train_text_encoder:
+            raise ConfigError(
+                "is the text encoder's learning rate: it needs finetune.train_text_encoder: true",
+                key="text_encoder_lr",
+            )

@@ -83,6 +83,8 @@ class ExperimentConfig:
             raise ConfigError("needs finetune.method: lora", key="init_lora")
         if self.trainer.strategy == "fsdp":
             _check_fsdp(self)
+        if self.finetune.train_text_encoder:
+            _check_text_encoder_training(self)
         self.eval.check_against(self.model, self.data.image.size, self.trainer.strategy)
         if self.data.buckets.enabled:  # every bucket must pass the UNet's down / up sampling
             _check_buckets(self)
@@ -121,6 +123,35 @@ def _check_fsdp(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             "LoRA trains a few MB of adapter weights: use trainer.strategy=ddp, not fsdp",
             key="trainer.strategy",
+        )
+
+
+def _check_text_encoder_training(cfg: ExperimentConfig) -> None:
+    """Where ``finetune.train_text_encoder`` cannot work: cached caption embeddings (made by the
+    frozen encoder), FSDP (it keeps the text encoder whole and frozen on every rank) and modes
+    whose prompt does not steer the image (the x4 upscaler)."""
+    key = "finetune.train_text_encoder"
+    if cfg.data.text_embeddings:
+        raise ConfigError(
+            "trains the text encoder, so captions must be encoded every step; the cached "
+            "caption embeddings of latent shards (data.text_embeddings: true) were made by the "
+            "frozen encoder: set data.text_embeddings=false (the latents themselves stay usable) "
+            "or finetune.train_text_encoder=false",
+            key=key,
+        )
+    if cfg.trainer.strategy == "fsdp":
+        raise ConfigError(
+            "is not available with trainer.strategy=fsdp (FSDP here wraps the UNet and keeps "
+            "the text encoder frozen and whole on every rank); use ddp or deepspeed_stage_2",
+            key=key,
+        )
+    component = conditioning_component(cfg.model.conditioning)
+    if not component.trains_text_encoder:
+        raise ConfigError(
+            f"makes no sense for {component.article()} {component.description} model "
+            f"(model.conditioning: {cfg.model.conditioning}): its prompt is a weak side input; "
+            "set finetune.train_text_encoder=false",
+            key=key,
         )
 
 

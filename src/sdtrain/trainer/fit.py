@@ -231,6 +231,8 @@ def build_module(cfg: ExperimentConfig) -> LatentDiffusionModule:
         ema_init = None
         log.info("%s on %d UNet modules%s", cfg.finetune.lora.kind, len(targets),
                  f" from {cfg.init_lora}" if cfg.init_lora else "")  # fmt: skip
+    if cfg.finetune.train_text_encoder:
+        train_text_encoder(model, cfg)
     model.unet.set_gradient_checkpointing(cfg.trainer.gradient_checkpointing)
     if cfg.trainer.channels_last:
         model.unet.to(memory_format=torch.channels_last)
@@ -240,6 +242,20 @@ def build_module(cfg: ExperimentConfig) -> LatentDiffusionModule:
     if cfg.trainer.compile:
         model.unet = torch.compile(model.unet)  # type: ignore[assignment]
     return module
+
+
+def train_text_encoder(model: StableDiffusion, cfg: ExperimentConfig) -> None:
+    """``finetune.train_text_encoder``: every used weight of the text encoder trains (``full``),
+    or an adapter on it (``lora``, from ``init_lora``'s text-encoder part when it has one)."""
+    encoder = model.text_encoder
+    if cfg.finetune.method == "full":
+        encoder.train_weights()
+        log.info("text encoder: its weights train")
+        return
+    raise ConfigError(
+        "with finetune.method=lora is not available yet (a LoRA on the text encoder)",
+        key="finetune.train_text_encoder",
+    )
 
 
 def build_loggers(cfg: ExperimentConfig, folder: Path) -> list[Logger]:
@@ -491,7 +507,8 @@ def dry_run(cfg: ExperimentConfig) -> str:
         f"  resume from: {plan.resume_from or 'nothing (fresh start)'}",
         f"  init from: {cfg.init_from or 'random initialisation'}",
         f"  parameters: UNet {count(model.unet):,} (trained), autoencoder "
-        f"{count(model.autoencoder):,}, text encoder {count(model.text_encoder):,} (frozen)",
+        f"{count(model.autoencoder):,}, text encoder {count(model.text_encoder):,} "
+        f"({text_encoder_role(cfg)})",
         f"  {global_batch_text(cfg)}",
         f"  steps: {t.max_steps:,}, LR {cfg.optim.lr:g} (warm-up {cfg.optim.warmup_steps:,} "
         f"steps), precision {t.precision}, accumulation {t.accumulate_grad_batches}",
@@ -524,6 +541,14 @@ def dry_run(cfg: ExperimentConfig) -> str:
     else:
         lines.append("  data: no shards configured (set data.shards)")
     return "\n".join(lines)
+
+
+def text_encoder_role(cfg: ExperimentConfig) -> str:
+    if not cfg.finetune.train_text_encoder:
+        return "frozen"
+    what = "trained" if cfg.finetune.method == "full" else "adapter trained"
+    te_lr = cfg.finetune.text_encoder_lr
+    return f"{what}, LR {te_lr:g}" if te_lr else what
 
 
 def global_batch_text(cfg: ExperimentConfig) -> str:

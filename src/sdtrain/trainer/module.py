@@ -3,7 +3,9 @@
 Every random draw of a training step (posterior sample, caption dropout, timesteps, noise) comes
 from a generator seeded by ``(seed, global step, rank, micro-batch)``, so a resumed run repeats
 exactly what an uninterrupted one does without saving any RNG state. The frozen autoencoder and
-text encoder are not stored in training checkpoints: they come back from ``init_from``.
+text encoder are not stored in training checkpoints: they come back from ``init_from``. With
+``finetune.train_text_encoder`` the text encoder's trained weights (or its adapter's) are stored
+and optimised as a second parameter group.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from sdtrain.trainer.prior import DreamBooth
 
 log = logging.getLogger("sdtrain.trainer")
 UNET_PREFIX = "model.unet."
+TEXT_PREFIX = "model.text_encoder."
 MAX_NONFINITE_LISTED = 1000
 
 
@@ -48,14 +51,15 @@ class NonFiniteError(RuntimeError):
 
 
 class LatentDiffusionModule(pl.LightningModule):
-    """Trains ``model.unet``; everything else is frozen."""
+    """Trains ``model.unet`` (and the text encoder with ``finetune.train_text_encoder``);
+    everything else is frozen."""
 
     def __init__(self, cfg: ExperimentConfig, model: StableDiffusion) -> None:
         super().__init__()
         self.cfg = cfg
         self.model = model
         self.ema = EMA(model.unet, cfg.ema) if cfg.ema.enabled else None
-        self.strict_loading = False  # checkpoints hold the UNet only
+        self.strict_loading = False  # checkpoints hold the trained parts only
         self.data_states: dict[int, Any] = {}
         self._micro = 0
         self._step_skipped = False
@@ -79,17 +83,31 @@ class LatentDiffusionModule(pl.LightningModule):
 
     # --- optimisation -----------------------------------------------------------------------
 
+    def trained_parts(self) -> list[torch.nn.Module]:
+        """The modules whose parameters the optimiser steps: the UNet, and the text encoder when
+        it trains (its weights, or with a LoRA its adapter): one parameter group each."""
+        parts: list[torch.nn.Module] = [self.model.unet]
+        if self.cfg.finetune.train_text_encoder:
+            parts.append(self.model.text_encoder)
+        return parts
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for part in self.trained_parts() for p in part.parameters() if p.requires_grad]
+
     def configure_optimizers(self) -> dict[str, Any]:
         optim = self.cfg.optim
-        lr = self.configured_lr()
-        params = [p for p in self.model.unet.parameters() if p.requires_grad]
+        lrs = self.configured_lrs()
+        groups = [
+            {"params": [p for p in part.parameters() if p.requires_grad], "lr": lr}
+            for part, lr in zip(self.trained_parts(), lrs, strict=True)
+        ]
         adamw = adamw_class(optim.optimizer, self.device)
         # foreach: one kernel call per step for all tensors (same result as the per-tensor loop
         # torch picks on CPU, several times less Python overhead for a small UNet)
         extra = {"foreach": True} if adamw is torch.optim.AdamW else {}
         optimizer = adamw(
-            params,
-            lr=lr,
+            groups,
+            lr=lrs[0],
             betas=tuple(optim.betas),
             eps=optim.eps,
             weight_decay=optim.weight_decay,
@@ -102,6 +120,15 @@ class LatentDiffusionModule(pl.LightningModule):
         optim = self.cfg.optim
         return optim.lr * (self.global_batch_size() if optim.scale_lr else 1)
 
+    def configured_lrs(self) -> list[float]:
+        """The LR of each parameter group (``trained_parts``): the UNet's, then the text
+        encoder's (``finetune.text_encoder_lr``, 0 = the same), scaled alike."""
+        lr = self.configured_lr()
+        if not self.cfg.finetune.train_text_encoder:
+            return [lr]
+        optim, te_lr = self.cfg.optim, self.cfg.finetune.text_encoder_lr
+        return [lr, lr * te_lr / optim.lr if te_lr else lr]
+
     def on_fit_start(self) -> None:
         """DreamBooth: the class images are generated (by the model as it is before training)
         and read before the first batch."""
@@ -113,13 +140,13 @@ class LatentDiffusionModule(pl.LightningModule):
     def on_train_start(self) -> None:
         """After a resume, the LR follows the current config (a new stage may change it); the
         optimiser state, weights and EMA are kept."""
-        lr = self.configured_lr()
+        lrs = self.configured_lrs()
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             groups = scheduler.optimizer.param_groups
-            scheduler.base_lrs = [lr] * len(groups)
+            scheduler.base_lrs = list(lrs)
             scheduler.lr_lambdas = [self.cfg.optim.lr_multiplier] * len(groups)
-            for group in groups:
+            for group, lr in zip(groups, lrs, strict=True):
                 group["initial_lr"] = lr
                 group["lr"] = lr * self.cfg.optim.lr_multiplier(scheduler.last_epoch)
         if self.ema is not None:
@@ -209,12 +236,13 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def encode_text(self, batch: dict[str, Any], drop: torch.Tensor) -> torch.Tensor:
         """Text context (B, T, D); captions where ``drop`` is set are the empty prompt. With
-        ``data.text_embeddings`` from the batch, the empty prompt's embedding computed once."""
+        ``data.text_embeddings`` from the batch, the empty prompt's embedding computed once.
+        A training text encoder encodes with gradients, the dropped rows' empty prompt too."""
         model = self.model
         if not self.cfg.data.text_embeddings:
             captions = ["" if d else c for d, c in zip(drop.tolist(), batch["caption"],
                                                        strict=True)]  # fmt: skip
-            with torch.no_grad():
+            with torch.set_grad_enabled(self.cfg.finetune.train_text_encoder):
                 return model.text_encoder.encode(captions)
         self._check_source(batch, "latent_text", "text encoder", self._text_fingerprint)
         cached = batch["text_embedding"].to(self.device, torch.float32)  # (B, T, D)
@@ -248,7 +276,7 @@ class LatentDiffusionModule(pl.LightningModule):
                 )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.model.unet.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.trained_parameters() if p.grad is not None]
         if not grads:  # the loss was non-finite: nothing to step with
             # ... or DeepSpeed ZeRO, which keeps the gradients in its own partitioned buffers.
             zero = isinstance(self.trainer.strategy, pl.strategies.DeepSpeedStrategy)
@@ -272,7 +300,10 @@ class LatentDiffusionModule(pl.LightningModule):
         if self.ema is not None and not self._step_skipped:
             with full_parameters(self):  # FSDP: the EMA is of the whole weights
                 self.ema.update(self.model.unet)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True, on_step=True)
+        lrs = self.lr_schedulers().get_last_lr()
+        self.log("train/lr", lrs[0], prog_bar=True, on_step=True)
+        if len(lrs) > 1:  # finetune.train_text_encoder
+            self.log("train/text_encoder_lr", lrs[1], on_step=True)
 
     def _count_nonfinite(self, what: str) -> None:
         self.nonfinite_in_a_row += 1
@@ -295,13 +326,20 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The trainable weights only: the UNet, or with a LoRA its adapter (the frozen base
-        # weights come back from init_from, like the autoencoder and text encoder).
-        trained = {UNET_PREFIX + name for name, p in self.model.unet.named_parameters()
-                   if p.requires_grad} if self.cfg.finetune.method == "lora" else None  # fmt: skip
+        # weights come back from init_from, like the autoencoder and text encoder), and a
+        # training text encoder's weights (with a LoRA its adapter's).
+        lora, te = self.cfg.finetune.method == "lora", self.cfg.finetune.train_text_encoder
+        prefixes = (UNET_PREFIX, TEXT_PREFIX) if te else (UNET_PREFIX,)
+        trained = {
+            prefix + name
+            for prefix, part in zip(prefixes, self.trained_parts(), strict=True)
+            for name, p in part.named_parameters()
+            if p.requires_grad
+        }
         checkpoint["state_dict"] = {
             k: v
             for k, v in checkpoint["state_dict"].items()
-            if k.startswith(UNET_PREFIX) and (trained is None or k in trained)
+            if k.startswith(prefixes) and (not lora or k in trained)
         }
         checkpoint["sdtrain"] = {
             "config": to_yaml(self.cfg),

@@ -1,0 +1,237 @@
+"""``finetune.train_text_encoder``: the text encoder trains with the UNet (its weights with
+``method: full``, an adapter on it with ``method: lora``), is stored in the training
+checkpoints, resumes exactly and is exported; the configs where it cannot work are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_training import fit_command, in_process_cfg, kill_at_checkpoint, run_fit
+
+from sdtrain.errors import ConfigError
+from sdtrain.models.text_encoders import FrozenTextEncoder
+from sdtrain.trainer.experiment import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "configs" / "experiments"
+TE_PREFIX = "model.text_encoder."
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    from sdtrain.data.synthetic import SyntheticSpec, write_synthetic_shards
+
+    out = tmp_path_factory.mktemp("te-shards")
+    write_synthetic_shards(out, SyntheticSpec(samples=16, per_shard=8, min_side=64, max_side=96))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def base_file(tmp_path_factory) -> Path:
+    """A tiny base model whose UNet is not fresh: a fresh one's zero output conv passes no
+    gradient back to the text encoder."""
+    from sdtrain.models.adapters.original import write_checkpoint
+    from sdtrain.models.stable_diffusion import StableDiffusion
+
+    cfg = load_config([EXPERIMENTS / "tiny-base.yaml"])
+    torch.manual_seed(0)
+    model = StableDiffusion(cfg.model)
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path_factory.mktemp("te-base") / "base.safetensors"
+    return write_checkpoint(path, **model.original_parts())
+
+
+# weight_decay 0: whatever moves the text encoder's weights is a gradient that reached them
+STEPS = ("trainer.max_steps=2", "checkpoint.every_n_steps=2", "optim.warmup_steps=0",
+         "optim.weight_decay=0", "optim.lr=1e-3")  # fmt: skip
+
+
+def te_cfg(shards: str, run: Path, base: Path, *overrides: str):
+    return in_process_cfg("tiny-base", shards, run, f"init_from={base}",
+                          "finetune.train_text_encoder=true", *STEPS, *overrides)  # fmt: skip
+
+
+def checkpoint(run: Path, step: int = 2) -> dict:
+    return torch.load(run / "checkpoints" / f"step={step:08d}.ckpt", weights_only=True)
+
+
+def encoder_from_original(cfg, text: dict) -> FrozenTextEncoder:
+    encoder = FrozenTextEncoder(cfg.model.text_encoder)
+    encoder.load_original_state_dict(text)
+    return encoder
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("experiment", "overrides", "named"),
+    [
+        ("tiny-base", ["data.latents=true", "data.text_embeddings=true"], "data.text_embeddings"),
+        ("tiny-base", ["trainer.strategy=fsdp"], "fsdp"),
+        ("tiny-x4-upscaler", [], "x4 upscaler"),
+    ],
+)
+def test_text_encoder_training_is_refused_where_it_cannot_work(
+    experiment: str, overrides: list[str], named: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config([EXPERIMENTS / f"{experiment}.yaml"],
+                    ["finetune.train_text_encoder=true", *overrides])  # fmt: skip
+    text = str(info.value)
+    assert "finetune.train_text_encoder" in text and named in text
+
+
+@pytest.mark.parametrize("overrides", [["finetune.text_encoder_lr=1e-4"],
+                                       ["finetune.train_text_encoder=true",
+                                        "finetune.text_encoder_lr=-1"]])  # fmt: skip
+def test_text_encoder_lr_is_checked(overrides: list[str]) -> None:
+    with pytest.raises(ConfigError, match=r"finetune\.text_encoder_lr"):
+        load_config([EXPERIMENTS / "tiny-base.yaml"], overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step: captions encoded with gradients, dropped ones through the current encoder
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trains", [True, False])
+def test_captions_and_dropped_captions_see_the_current_encoder(trains: bool) -> None:
+    from sdtrain.models.stable_diffusion import StableDiffusion
+    from sdtrain.trainer.fit import train_text_encoder
+    from sdtrain.trainer.module import LatentDiffusionModule
+
+    cfg = load_config([EXPERIMENTS / "tiny-base.yaml"],
+                      [f"finetune.train_text_encoder={str(trains).lower()}"])  # fmt: skip
+    torch.manual_seed(0)
+    model = StableDiffusion(cfg.model)
+    if trains:
+        train_text_encoder(model, cfg)
+    module = LatentDiffusionModule(cfg, model)
+    module.train()
+    assert model.text_encoder.training is trains
+    batch = {"caption": ["a red circle", "a blue square"]}
+    drop = torch.tensor([True, False])
+    context = module.encode_text(batch, drop)  # (2, 77, D)
+    assert context.requires_grad is trains
+    with torch.no_grad():
+        empty = model.text_encoder.encode([""])
+        torch.testing.assert_close(context[0:1], empty, rtol=0, atol=0)
+        model.text_encoder.model.ln_final.bias.add_(0.5)  # the encoder "trained"
+        moved = model.text_encoder.encode([""])
+    assert (moved - empty).abs().max() > 1e-3
+    again = module.encode_text(batch, drop)
+    torch.testing.assert_close(again[0:1], moved, rtol=0, atol=0)  # no cached empty prompt
+    if trains:
+        weights = torch.randn(again[0].shape, generator=torch.Generator().manual_seed(0))
+        (again[0] * weights).sum().backward()  # the dropped row alone
+        grad = model.text_encoder.model.positional_embedding.grad
+        assert grad is not None and grad.abs().max() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Full fine-tuning with the text encoder
+# ---------------------------------------------------------------------------------------------
+
+
+def test_full_text_encoder_trains_is_checkpointed_and_exported(
+    shards: str, base_file: Path, tmp_path: Path
+) -> None:
+    from sdtrain.launch.export import export_run
+    from sdtrain.models.adapters.diffusers import read_diffusers
+    from sdtrain.models.adapters.original import read_checkpoint
+    from sdtrain.trainer.fit import fit
+
+    base = read_checkpoint(base_file)
+    cfg = te_cfg(shards, tmp_path / "te", base_file, "finetune.text_encoder_lr=5e-3")
+    fit(cfg)
+    ckpt = checkpoint(tmp_path / "te")
+    te = {k.removeprefix(TE_PREFIX): v for k, v in ckpt["state_dict"].items()
+          if k.startswith(TE_PREFIX)}  # fmt: skip
+    initial = encoder_from_original(cfg, base.text).state_dict()
+    assert te.keys() == initial.keys()
+    moved = [k for k in te if not torch.equal(te[k], initial[k])]
+    # gradients reached every block (weight decay is 0), not just the token embedding
+    assert "model.token_embedding.weight" in moved and "model.ln_final.weight" in moved
+    assert any(".resblocks.0." in k for k in moved) and any(".resblocks.1." in k for k in moved)
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    assert [g["lr"] for g in groups] == [1e-3, 5e-3] and len(groups[1]["params"]) == len(te)
+    assert set(ckpt["sdtrain"]["ema"]["shadow"]) == {  # the EMA covers the UNet only
+        k.removeprefix("model.unet.") for k in ckpt["state_dict"] if k.startswith("model.unet.")
+    }
+
+    # The export (EMA UNet by default) holds the text encoder as trained.
+    out = export_run(tmp_path / "te", tmp_path / "te.safetensors")
+    assert out.weights == "ema"
+    exported = read_checkpoint(out.path)
+    trained = FrozenTextEncoder(cfg.model.text_encoder)
+    trained.load_state_dict(te)
+    expected = trained.original_state_dict()
+    assert exported.text.keys() == expected.keys()
+    assert all(torch.equal(exported.text[k], expected[k]) for k in expected)
+    folder = export_run(tmp_path / "te", tmp_path / "te-diffusers", format="diffusers").path
+    in_folder = read_diffusers(folder).checkpoint.text
+    assert all(torch.equal(in_folder[k], expected[k]) for k in expected if k in in_folder)
+    assert len(in_folder) >= len(expected) - 1  # the legacy position_ids may be left out
+
+    # Changing train_text_encoder on resume is refused (it changes what the checkpoint holds).
+    with pytest.raises(ConfigError, match="cannot resume"):
+        fit(te_cfg(shards, tmp_path / "te", base_file, "resume=auto", "trainer.max_steps=3",
+                   "finetune.train_text_encoder=false"))  # fmt: skip
+
+
+def test_without_train_text_encoder_it_stays_bit_equal(
+    shards: str, base_file: Path, tmp_path: Path
+) -> None:
+    from sdtrain.launch.export import export_run
+    from sdtrain.models.adapters.original import read_checkpoint
+    from sdtrain.trainer.fit import fit
+
+    fit(te_cfg(shards, tmp_path, base_file, "finetune.train_text_encoder=false"))
+    ckpt = checkpoint(tmp_path)
+    assert not [k for k in ckpt["state_dict"] if not k.startswith("model.unet.")]
+    assert len(ckpt["optimizer_states"][0]["param_groups"]) == 1
+    base, exported = (
+        read_checkpoint(base_file),
+        read_checkpoint(export_run(tmp_path, tmp_path / "out.safetensors").path),
+    )
+    assert exported.text.keys() == base.text.keys()
+    assert all(torch.equal(exported.text[k], base.text[k]) for k in base.text)
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL + resume=auto
+# ---------------------------------------------------------------------------------------------
+
+
+def final_state(run: Path, step: int) -> tuple[dict, dict]:
+    ckpt = checkpoint(run, step)
+    return ckpt["state_dict"], ckpt["sdtrain"]["ema"]["shadow"]
+
+
+def test_full_text_encoder_sigkill_and_resume_is_bit_identical(
+    shards: str, base_file: Path, tmp_path: Path
+) -> None:
+    steps = ("finetune.train_text_encoder=true", "finetune.text_encoder_lr=5e-3",
+             f"init_from={base_file}", "trainer.max_steps=4", "checkpoint.every_n_steps=2",
+             "data.num_workers=2", "optim.warmup_steps=2")  # fmt: skip
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_fit("tiny-base", shards, straight, *steps)
+    target = killed / "checkpoints" / "step=00000002.ckpt"
+    kill_at_checkpoint(fit_command("tiny-base", shards, killed, *steps), target)
+    assert target.exists(), "the run never reached its step-2 checkpoint"
+    assert not (killed / "checkpoints" / "step=00000004.ckpt").exists(), "killed too late"
+    run_fit("tiny-base", shards, killed, *steps, "resume=auto")
+    (a, ema_a), (b, ema_b) = final_state(straight, 4), final_state(killed, 4)
+    assert a.keys() == b.keys() and any(k.startswith(TE_PREFIX) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    # the text encoder moved between the kill and the end: the resume restored it
+    halfway, _ = final_state(killed, 2)
+    assert any(not torch.equal(halfway[k], a[k]) for k in a if k.startswith(TE_PREFIX))
