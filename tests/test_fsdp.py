@@ -5,6 +5,7 @@ paths (bf16 autocast under FSDP, NCCL) are marked ``gpu`` and skipped without on
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +160,31 @@ def test_fsdp_strategy_from_config(tmp_path: Path) -> None:
         fsdp_config(tmp_path, "trainer.gradient_clip_val=1.0")
     with pytest.raises(ConfigError, match=r"validation\.every_n_steps"):
         fsdp_config(tmp_path, "validation.every_n_steps=10")
+
+
+def test_the_temp_folder_of_a_killed_save_is_removed_when_the_run_starts(tmp_path: Path) -> None:
+    """A sharded save killed midway leaves its hidden temp folder (named by rank 0, shard files
+    inside); the next start removes it with the other temp files of writers that died, and keeps
+    a live writer's temp folder and the finished checkpoint folders."""
+    from sdtrain.trainer.checkpoints import FSDP_FULL_FILE, fsdp_shard_name
+    from sdtrain.trainer.fit import ready_run_folder
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = files.temp_path(checkpoints / "step=00000006.ckpt")  # this process's: alive
+    name = files.temp_path(checkpoints / "step=00000004.ckpt").name
+    killed = checkpoints / name.replace(f".{os.getpid()}.", f".{dead.pid}.")
+    done = checkpoints / "step=00000002.ckpt"
+    for folder, names in ((killed, [fsdp_shard_name(0, 2)]), (live, [fsdp_shard_name(1, 2)]),
+                          (done, [FSDP_FULL_FILE, fsdp_shard_name(0, 2)])):  # fmt: skip
+        folder.mkdir(parents=True)
+        for file in names:
+            (folder / file).write_bytes(b"\0" * 100)
+    lines = ready_run_folder(RunPlan(tmp_path / "run", None))
+    assert "removed 1 temp file(s) left by writers that died" in lines
+    assert not killed.exists()
+    assert (live / fsdp_shard_name(1, 2)).is_file() and (done / FSDP_FULL_FILE).is_file()
 
 
 @pytest.mark.gpu

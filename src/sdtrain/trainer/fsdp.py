@@ -20,8 +20,10 @@ What this adds to Lightning's strategy:
   loop state but no optimiser (what ``sdtrain export`` reads), and ``shard-R-of-W.pt`` holds rank
   R's own shards of the weights and of the AdamW state (what ``resume`` reads). Every file is
   read with ``weights_only=True`` (``torch.distributed.checkpoint``, Lightning's sharded format,
-  reads a pickled metadata file). The folder is written under a hidden temp name and renamed
-  once every rank has written its shard.
+  reads a pickled metadata file). The folder is written under a hidden temp name (rank 0's
+  ``files.temp_path``) and renamed once every rank has written its shard; the temp folder of a
+  save killed midway is removed when the next run starts, with the other temp files of writers
+  that died (``fit.ready_run_folder``).
 """
 
 from __future__ import annotations

@@ -385,14 +385,15 @@ def temp_path(path: Path) -> Path:
 
 def stale_temp_files(folder: PathLike) -> list[Path]:
     """Temp files in ``folder`` whose writer is gone: a dead process on this machine, or a file
-    from another machine untouched for ``FOREIGN_TEMP_GRACE_S``."""
+    from another machine untouched for ``FOREIGN_TEMP_GRACE_S``. Temp folders count too (an FSDP
+    checkpoint is a folder written under a temp name: ``trainer/fsdp.py``)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     stale = []
     for entry in folder.iterdir():
         match = next((m for r in _TEMP_RES if (m := r.match(entry.name))), None)
-        if not match or not entry.is_file():
+        if not match or not (entry.is_file() or entry.is_dir()):
             continue
         host = match.groupdict().get("host")
         pid = int(match.group("pid"))
@@ -405,11 +406,15 @@ def stale_temp_files(folder: PathLike) -> list[Path]:
 
 
 def remove_stale_temp_files(folder: PathLike) -> list[Path]:
-    """Delete ``stale_temp_files(folder)``; returns what was removed."""
+    """Delete ``stale_temp_files(folder)`` (a temp folder with what it holds); returns what was
+    removed."""
     removed = []
     for entry in stale_temp_files(folder):
         with contextlib.suppress(FileNotFoundError):
-            entry.unlink()
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
             removed.append(entry)
     return removed
 
