@@ -3,28 +3,16 @@ holds the same weights (outputs agree) and the report is well formed. Timings ar
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "unet_step.py"
-
-
-def _load_bench():
-    # bench/ is a folder of scripts, not an installed package: load the file itself.
-    spec = importlib.util.spec_from_file_location("bench_unet_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
+from bench_support import load_bench
 
 
 def test_unet_step_micro(tmp_path: Path) -> None:
     pytest.importorskip("diffusers")
-    bench = _load_bench()
+    bench = load_bench("unet_step")
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\nhand-written notes stay\n")
 

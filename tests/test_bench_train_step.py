@@ -5,29 +5,17 @@ exactly its FLOPs. No timing checks."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from bench_support import load_bench
 
 from sdtrain.errors import ConfigError
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_step.py"
-
-
-def _load_bench():
-    # bench/ is a folder of scripts, not an installed package: load the file itself.
-    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_train_step_tiny_cpu_micro(tmp_path: Path) -> None:
-    bench = _load_bench()
+    bench = load_bench("train_step")
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\nhand-written notes stay\n")
     argv = ["--preset", "tiny-cpu", "--pixels", "32", "--batch-size", "1", "--iters", "2",
@@ -57,7 +45,7 @@ def test_train_step_tiny_cpu_micro(tmp_path: Path) -> None:
 
 
 def test_gpu_preset_skips_without_cuda(monkeypatch) -> None:
-    bench = _load_bench()
+    bench = load_bench("train_step")
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     report = bench.main(["--preset", "gpu"])
     assert report.skipped and not report.rows
@@ -65,7 +53,7 @@ def test_gpu_preset_skips_without_cuda(monkeypatch) -> None:
 
 
 def test_train_step_lora_rows(tmp_path: Path) -> None:
-    bench = _load_bench()
+    bench = load_bench("train_step")
     argv = ["--preset", "tiny-cpu", "--models", "tiny-base", "--pixels", "32", "--batch-size", "1",
             "--iters", "2", "--warmup", "1", "--matmul-size", "128", "--threads", "1",
             "--lora"]  # fmt: skip
@@ -80,7 +68,7 @@ def test_train_step_lora_rows(tmp_path: Path) -> None:
 
 
 def test_train_step_depth_midas_vs_shard(tmp_path: Path) -> None:
-    bench = _load_bench()
+    bench = load_bench("train_step")
     docs = tmp_path / "b.md"
     argv = ["--preset", "tiny-cpu", "--depth", "--pixels", "32", "--batch-size", "1",
             "--iters", "2", "--warmup", "1", "--threads", "1", "--clock", "cpu"]  # fmt: skip
@@ -107,7 +95,7 @@ def test_train_step_depth_midas_vs_shard(tmp_path: Path) -> None:
 
 
 def test_train_step_depth_rejects_a_model_without_depth() -> None:
-    bench = _load_bench()
+    bench = load_bench("train_step")
     argv = ["--preset", "tiny-cpu", "--depth", "--models", "tiny-base", "--pixels", "32",
             "--batch-size", "1", "--iters", "1", "--warmup", "0"]  # fmt: skip
     # The config loader's own check, naming the key (a depth source on a model without depth).

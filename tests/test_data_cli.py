@@ -9,11 +9,11 @@ import importlib.util
 import io
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_support import load_bench
 from PIL import Image
 
 from sdtrain.config.errors import ConfigError
@@ -236,11 +236,7 @@ def test_loader_benchmark_runs(tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     spec = SyntheticSpec(samples=12, per_shard=4, min_side=430, max_side=480, reject_fraction=0.25)
     write_synthetic_shards(shards, spec)
-    path = Path(__file__).resolve().parents[1] / "bench" / "loader.py"
-    module_spec = importlib.util.spec_from_file_location("bench_loader", path)
-    bench = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_spec.name] = bench  # dataclasses look their module up while created
-    module_spec.loader.exec_module(bench)
+    bench = load_bench("loader")
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\nhand-written notes stay\n")
     argv = ["--shards", str(shards), "--sizes", "64", "--rounds", "1", "--seconds", "0.2"]

@@ -3,24 +3,14 @@ formed (rates positive and finite, the docs block replaced, not appended). Timin
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "eval.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_eval", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
+from bench_support import load_bench
 
 
 def test_eval_bench_micro(tmp_path: Path) -> None:
-    bench = _load_bench()
+    bench = load_bench("eval")
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\nhand-written notes stay\n")
     report = bench.main(["--preset", "micro", "--out", str(docs)])

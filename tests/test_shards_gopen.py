@@ -131,15 +131,9 @@ def test_the_loader_counts_a_failing_command_as_an_unreadable_shard(shard: Path)
 
 def test_bench_tar_readers_count_the_same_samples(shard: Path) -> None:
     """bench/loader.py --tar compares like with like: every reader finds the shard's samples."""
-    import importlib.util
-    import sys
+    from bench_support import load_bench
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "loader.py"
-    spec = importlib.util.spec_from_file_location("bench_loader_tar", path)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up while being created
-    spec.loader.exec_module(bench)
+    bench = load_bench("loader")
     counts = {
         name: next(bench.tar_reader([str(shard)], name))
         for name in ("ours", "webdataset", "webdataset-samples")
