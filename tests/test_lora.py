@@ -4,14 +4,13 @@ stores only the adapter, exact resumption, export (kohya, diffusers, merged), ``
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from test_training import env, fit_command, in_process_cfg, run_fit
+from test_training import fit_command, in_process_cfg, kill_at_checkpoint, run_fit
 
 from sdtrain.errors import CheckpointError, ConfigError
 from sdtrain.models.adapters import lora as layouts
@@ -311,14 +310,8 @@ def test_lora_sigkill_and_resume_is_bit_identical(
     straight = tmp_path / "straight"
     run_fit("tiny-lora", shards, straight, *steps)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(fit_command("tiny-lora", shards, killed, *steps), env=env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     target = killed / "checkpoints" / "step=00000002.ckpt"
-    deadline = time.monotonic() + 300
-    while not target.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_at_checkpoint(fit_command("tiny-lora", shards, killed, *steps), target)
     assert target.exists(), "the run never reached its step-2 checkpoint"
     assert not (killed / "checkpoints" / "step=00000006.ckpt").exists(), "killed too late"
     run_fit("tiny-lora", shards, killed, *steps, "resume=auto")
@@ -356,14 +349,25 @@ def lora_run(shards: str, tmp_path_factory) -> Path:
     return root
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    import sys
+@pytest.fixture
+def cli(capsys) -> Callable[..., subprocess.CompletedProcess]:
+    """``sdtrain ARGS`` in-process (no interpreter and torch start-up per call, ~10 CPU s each):
+    its exit code and what it printed, as a finished process."""
+    from sdtrain.launch.cli import main
 
-    return subprocess.run([sys.executable, "-m", "sdtrain.launch.cli", *args], env=env(),
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as stop:  # argparse's usage errors
+            code = stop.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return run
 
 
-def test_export_lora_merge_and_sample_agree(lora_run: Path, tmp_path: Path) -> None:
+def test_export_lora_merge_and_sample_agree(lora_run: Path, tmp_path: Path, cli) -> None:
     from sdtrain.launch.export import export_run
     from sdtrain.launch.export_lora import export_lora
     from sdtrain.models.adapters.original import read_checkpoint
@@ -439,7 +443,7 @@ def assert_ema_exported(path: Path, run: Path) -> None:
     assert torch.equal(sd[f"{stem}.lora_up.weight"], ema[f"{TO_Q}.lora_B.default.weight"])
 
 
-def test_export_flags_refuse_what_does_not_apply(lora_run: Path, tmp_path: Path) -> None:
+def test_export_flags_refuse_what_does_not_apply(lora_run: Path, tmp_path: Path, cli) -> None:
     plain = cli("export", str(lora_run / "lora"), str(tmp_path / "x.safetensors"))
     assert plain.returncode == 2 and "--lora" in plain.stderr and "--merge" in plain.stderr
     assert "Traceback" not in plain.stderr
