@@ -185,9 +185,21 @@ def run_bounded(command: list[str], timeout: float) -> tuple[subprocess.Complete
     return result, time.monotonic() - start
 
 
-def test_cli_quoted_glob_matching_nothing_exits_2(tmp_path: Path) -> None:
-    result, _ = run_bounded(
-        fit_command("tiny-base", tmp_path / "run", "data.shards=/nope/*.tar"), 120
+def run_in_process(command: list[str], capsys) -> subprocess.CompletedProcess:
+    """``fit_command``'s command through ``main`` in this process, for runs that end during
+    start-up (no interpreter and torch start-up: ~10 CPU s a run); its code and output."""
+    from sdtrain.launch.cli import main
+
+    assert command[1:3] == ["-m", "sdtrain.launch.cli"]
+    capsys.readouterr()
+    code = main(command[3:])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(command, code, out, err)
+
+
+def test_cli_quoted_glob_matching_nothing_exits_2(tmp_path: Path, capsys) -> None:
+    result = run_in_process(
+        fit_command("tiny-base", tmp_path / "run", "data.shards=/nope/*.tar"), capsys
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "no such file: /nope/*.tar" in result.stderr
@@ -208,10 +220,9 @@ def test_cli_one_make_shards_shard_trains_with_one_worker(tmp_path: Path) -> Non
     for i in range(10):
         Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
         (folder / f"{i}.txt").write_text(f"a photo number {i}")
-    make = [sys.executable, "-m", "sdtrain.launch.cli", "data", "make-shards"]
-    made = subprocess.run([*make, str(folder), str(tmp_path / "shards")], env=env(),
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert made.returncode == 0, made.stderr
+    from sdtrain.launch.cli import main
+
+    assert main(["data", "make-shards", str(folder), str(tmp_path / "shards")]) == 0
     one = tmp_path / "shards" / "00000.tar"
     result, _ = run_bounded(
         fit_command("tiny-base", tmp_path / "run", f"data.shards={one}", "data.num_workers=2"), 300
@@ -367,10 +378,10 @@ def assert_data_error(result: subprocess.CompletedProcess, *needles: str) -> Non
         assert needle in result.stderr, result.stderr[-3000:]
 
 
-def test_cli_pattern_matching_no_file_exits_2_at_startup(tmp_path: Path) -> None:
+def test_cli_pattern_matching_no_file_exits_2_at_startup(tmp_path: Path, capsys) -> None:
     pattern = "/tmp/nonexistent/{00000..00001}.tar"
-    result, _ = run_bounded(
-        fit_command("tiny-base", tmp_path / "run", f"data.shards={pattern}"), 120
+    result = run_in_process(
+        fit_command("tiny-base", tmp_path / "run", f"data.shards={pattern}"), capsys
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "no such file: none of the 2 shard files" in result.stderr
