@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_training import fit_command, in_process_cfg, kill_at_checkpoint, run_fit
 
 from sdtrain.errors import ConfigError
@@ -86,6 +87,17 @@ def test_text_encoder_training_is_refused_where_it_cannot_work(
                     ["finetune.train_text_encoder=true", *overrides])  # fmt: skip
     text = str(info.value)
     assert "finetune.train_text_encoder" in text and named in text
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("finetune.lora.kind=loha", "finetune.lora.kind"),
+     ("finetune.lora.text_encoder_targets=[attn9]", "finetune.lora.text_encoder_targets")],
+)  # fmt: skip
+def test_a_text_encoder_lora_is_checked_when_the_config_loads(override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config([EXPERIMENTS / "tiny-lora-te.yaml"], [override])
+    assert key in str(info.value)
 
 
 @pytest.mark.parametrize("overrides", [["finetune.text_encoder_lr=1e-4"],
@@ -206,6 +218,118 @@ def test_without_train_text_encoder_it_stays_bit_equal(
 
 
 # ---------------------------------------------------------------------------------------------
+# LoRA on the UNet and the text encoder
+# ---------------------------------------------------------------------------------------------
+
+PROMPTS = ["a red circle above a blue square", "", "a painting of a lighthouse"]
+
+
+def lora_te_cfg(shards: str, run: Path, base: Path, *overrides: str):
+    return in_process_cfg("tiny-lora-te", shards, run, f"init_from={base}", *STEPS,
+                          "optim.lr=1e-2", "finetune.text_encoder_lr=2e-2", *overrides)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lora_te_run(shards: str, base_file: Path, tmp_path_factory) -> Path:
+    from sdtrain.trainer.fit import fit
+
+    run = tmp_path_factory.mktemp("lora-te") / "run"
+    fit(lora_te_cfg(shards, run, base_file))
+    return run
+
+
+def base_model(base: Path):
+    """The base model of ``base`` (plain, no adapter), as ``sdtrain sample --config`` opens it."""
+    from sdtrain.launch.sample import open_source
+
+    cfg = load_config([EXPERIMENTS / "tiny-base.yaml"])
+    return open_source(base, cfg).build()
+
+
+def context(encoder: FrozenTextEncoder) -> torch.Tensor:
+    with torch.no_grad():
+        return encoder.encode(PROMPTS)  # (3, 77, D)
+
+
+def test_lora_te_trains_and_stores_only_the_two_adapters(lora_te_run: Path) -> None:
+    ckpt = checkpoint(lora_te_run)
+    keys = list(ckpt["state_dict"])
+    assert all(".lora_A.default." in k or ".lora_B.default." in k for k in keys)
+    te_keys = [k for k in keys if k.startswith(TE_PREFIX)]
+    unet_keys = [k for k in keys if k.startswith("model.unet.")]
+    assert te_keys and unet_keys and len(te_keys) + len(unet_keys) == len(keys)
+    assert any(ckpt["state_dict"][k].abs().max() > 0 for k in te_keys if ".lora_B." in k)
+    size = (lora_te_run / "checkpoints" / "step=00000002.ckpt").stat().st_size
+    assert size < 1_000_000, size  # the text encoder's 1.6 M weights are not in it
+    shadow = ckpt["sdtrain"]["ema"]["shadow"]
+    assert set(shadow) == {k.removeprefix("model.unet.") for k in unet_keys}
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    assert [g["lr"] for g in groups] == [1e-2, 2e-2] and len(groups[1]["params"]) == len(te_keys)
+
+
+def test_lora_te_export_merge_and_sample_equal_the_runs_encoder(
+    lora_te_run: Path, base_file: Path, tmp_path: Path
+) -> None:
+    from sdtrain.launch.export import export_run, rebuild_model
+    from sdtrain.launch.export_lora import export_lora
+    from sdtrain.launch.sample import _build, open_source
+    from sdtrain.models.adapters.original import read_checkpoint
+    from sdtrain.models.lora import apply_lora_file
+    from sdtrain.trainer.checkpoints import read_training_checkpoint
+
+    ckpt = read_training_checkpoint(lora_te_run)
+    adapted = context(rebuild_model(ckpt, "raw").text_encoder)
+    plain = context(base_model(base_file).text_encoder)
+    assert (adapted - plain).abs().max() > 1e-3, "the text-encoder adapter did not move"
+
+    kohya = export_lora(lora_te_run, tmp_path / "kohya.safetensors")
+    assert kohya.text_encoder_modules > 0
+    keys = set(load_file(kohya.path))
+    assert any(k.startswith("lora_te_") for k in keys) and any(
+        k.startswith("lora_unet_") for k in keys
+    )
+    assert all(k.startswith(("lora_te_", "lora_unet_")) for k in keys)
+    diffusers = export_lora(lora_te_run, tmp_path / "diffusers.safetensors", layout="diffusers")
+    dkeys = set(load_file(diffusers.path))
+    assert any(k.startswith("text_encoder.") for k in dkeys) and any(
+        k.startswith("unet.") for k in dkeys
+    )
+    for path in (kohya.path, diffusers.path):  # each file applied to the plain base
+        model = base_model(base_file)
+        apply_lora_file(model.unet, str(path), 1.0, text_encoder=model.text_encoder)
+        torch.testing.assert_close(context(model.text_encoder), adapted, rtol=0, atol=1e-5)
+
+    # --merge: cond_stage_model.* holds the adapter merged in; same context as the adapter
+    merged = read_checkpoint(export_run(lora_te_run, tmp_path / "merged.safetensors", merge=True,
+                                        use_ema=False).path)  # fmt: skip
+    cfg = load_config([EXPERIMENTS / "tiny-base.yaml"])
+    torch.testing.assert_close(context(encoder_from_original(cfg, merged.text)), adapted,
+                               rtol=0, atol=1e-5)  # fmt: skip
+    # sdtrain sample --lora on the base applies the text-encoder part too
+    sampled = _build(open_source(base_file, cfg), "cpu", kohya.path, 1.0)
+    torch.testing.assert_close(context(sampled.text_encoder), adapted, rtol=0, atol=1e-5)
+
+
+def test_init_lora_continues_the_text_encoder_part(
+    lora_te_run: Path, shards: str, base_file: Path, tmp_path: Path
+) -> None:
+    from sdtrain.launch.export import rebuild_model
+    from sdtrain.launch.export_lora import export_lora
+    from sdtrain.trainer.checkpoints import read_training_checkpoint
+    from sdtrain.trainer.fit import build_module
+
+    adapted = context(rebuild_model(read_training_checkpoint(lora_te_run), "raw").text_encoder)
+    path = export_lora(lora_te_run, tmp_path / "lora.safetensors", use_ema=False).path
+    module = build_module(lora_te_cfg(shards, tmp_path / "next", base_file, f"init_lora={path}"))
+    torch.testing.assert_close(context(module.model.text_encoder), adapted, rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="init_lora") as info:
+        build_module(lora_te_cfg(shards, tmp_path / "unet-only", base_file, f"init_lora={path}",
+                                 "finetune.train_text_encoder=false",
+                                 "finetune.text_encoder_lr=0"))  # fmt: skip
+    assert "train_text_encoder" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
 # SIGKILL + resume=auto
 # ---------------------------------------------------------------------------------------------
 
@@ -215,23 +339,24 @@ def final_state(run: Path, step: int) -> tuple[dict, dict]:
     return ckpt["state_dict"], ckpt["sdtrain"]["ema"]["shadow"]
 
 
-def test_full_text_encoder_sigkill_and_resume_is_bit_identical(
+def test_lora_te_sigkill_and_resume_is_bit_identical(
     shards: str, base_file: Path, tmp_path: Path
 ) -> None:
-    steps = ("finetune.train_text_encoder=true", "finetune.text_encoder_lr=5e-3",
-             f"init_from={base_file}", "trainer.max_steps=4", "checkpoint.every_n_steps=2",
-             "data.num_workers=2", "optim.warmup_steps=2")  # fmt: skip
+    """LoRA on both, the riskier case: two adapters restored by name (Lightning's non-strict
+    load, as the full text encoder's weights are), two parameter groups, and peft's attention
+    adapter, which re-registers the frozen base weights on every forward."""
+    steps = (f"init_from={base_file}", "trainer.max_steps=4", "checkpoint.every_n_steps=2",
+             "data.num_workers=2", "optim.lr=1e-2")  # fmt: skip
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_fit("tiny-base", shards, straight, *steps)
+    run_fit("tiny-lora-te", shards, straight, *steps)
     target = killed / "checkpoints" / "step=00000002.ckpt"
-    kill_at_checkpoint(fit_command("tiny-base", shards, killed, *steps), target)
+    kill_at_checkpoint(fit_command("tiny-lora-te", shards, killed, *steps), target)
     assert target.exists(), "the run never reached its step-2 checkpoint"
     assert not (killed / "checkpoints" / "step=00000004.ckpt").exists(), "killed too late"
-    run_fit("tiny-base", shards, killed, *steps, "resume=auto")
+    run_fit("tiny-lora-te", shards, killed, *steps, "resume=auto")
     (a, ema_a), (b, ema_b) = final_state(straight, 4), final_state(killed, 4)
     assert a.keys() == b.keys() and any(k.startswith(TE_PREFIX) for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
-    # the text encoder moved between the kill and the end: the resume restored it
     halfway, _ = final_state(killed, 2)
     assert any(not torch.equal(halfway[k], a[k]) for k in a if k.startswith(TE_PREFIX))

@@ -52,7 +52,7 @@ from sdtrain.models.adapters.original import (
     write_checkpoint,
 )
 from sdtrain.models.config import ModelConfig
-from sdtrain.models.lora import load_adapter_state, merge_adapter
+from sdtrain.models.lora import has_adapter, load_adapter_state, merge_adapter
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.checkpoints import (
     NotATrainingCheckpoint,
@@ -193,8 +193,9 @@ def export_run(
     ``model_ema.*`` (diffusers: ``unet_ema/``) next to the raw UNet. ``format`` ``original``: the
     suffix of ``out`` picks .ckpt or .safetensors; ``diffusers``: ``out`` is a new folder with
     ``model_index.json``. ``dtype`` (``fp16|bf16|fp32``) casts the weights; default as trained.
-    ``merge``: a LoRA run's adapter is folded into the base UNet (``W + (alpha / r) up @ down``);
-    the adapter alone is ``launch.export_lora.export_lora``.
+    ``merge``: a LoRA run's adapter is folded into the base UNet (``W + (alpha / r) up @ down``),
+    a text-encoder adapter into ``cond_stage_model.*``; the adapter alone is
+    ``launch.export_lora.export_lora``.
     """
     out = Path(out)
     if format not in ("original", "diffusers"):
@@ -218,6 +219,8 @@ def export_run(
     model = rebuild_model(ckpt, weights)
     if merge:
         merge_adapter(model.unet)
+        if has_adapter(model.text_encoder):  # finetune.train_text_encoder: its adapter too
+            merge_adapter(model.text_encoder)
     parts = model.original_parts(ema=ckpt.ema if with_ema else None)
     metadata = {"sdtrain_model": ckpt.config.model.name, "sdtrain_unet_weights": weights}
     if diffusers:

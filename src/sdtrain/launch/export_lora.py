@@ -3,7 +3,9 @@ ComfyUI / A1111 (kohya layout) or diffusers (``--lora-format diffusers``) load o
 
 The run is rebuilt as training built it (``launch.export.rebuild_model``) with the chosen adapter
 weights (the EMA of the adapter by default when the run kept one); the layouts are
-``models.adapters.lora``. LoHa adapters are written in the LyCORIS naming (kohya layout only);
+``models.adapters.lora``. A run with ``finetune.train_text_encoder`` adds its text-encoder
+adapter (``lora_te_*`` keys, diffusers ``text_encoder.*``) as trained: the EMA covers the UNet's
+adapter only. LoHa adapters are written in the LyCORIS naming (kohya layout only);
 LoKr adapters export merged (``--merge``) only.
 """
 
@@ -15,7 +17,12 @@ from pathlib import Path
 from sdtrain.errors import ConfigError
 from sdtrain.launch.export import rebuild_model
 from sdtrain.models.adapters.lora import LoraFormat, diffusers_module_path, write_lora
-from sdtrain.models.lora import adapter_weights, lycoris_state
+from sdtrain.models.lora import (
+    adapter_weights,
+    has_adapter,
+    lycoris_state,
+    text_encoder_adapter_weights,
+)
 from sdtrain.trainer.checkpoints import Weights, read_training_checkpoint
 from sdtrain.utils import files
 from sdtrain.utils.files import PathLike
@@ -34,11 +41,14 @@ class ExportedLora:
     layout: LoraFormat
     modules: int
     kind: str
+    text_encoder_modules: int = 0
 
     def summary(self) -> str:
         which = "EMA" if self.weights == "ema" else "raw"
+        te = (f" + {self.text_encoder_modules} text encoder modules"
+              if self.text_encoder_modules else "")  # fmt: skip
         return (
-            f"wrote {self.path}: {self.kind} adapter on {self.modules} UNet modules, "
+            f"wrote {self.path}: {self.kind} adapter on {self.modules} UNet modules{te}, "
             f"{self.layout} layout, step {self.global_step}, {which} adapter weights "
             f"(source {self.source})"
         )
@@ -69,7 +79,8 @@ def export_lora(
             "merged into the base model with --merge"
         )
     weights = ckpt.pick(use_ema)
-    unet = rebuild_model(ckpt, weights).unet
+    model = rebuild_model(ckpt, weights)
+    unet = model.unet
     metadata = {
         "sdtrain_model": ckpt.config.model.name,
         "sdtrain_base": ckpt.config.init_from,
@@ -83,6 +94,10 @@ def export_lora(
     else:
         lora = adapter_weights(unet)
         to_diffusers = diffusers_module_path(ckpt.config.model.unet)
-        path = write_lora(out, lora, layout, to_diffusers, metadata)  # type: ignore[arg-type]
-        modules = len(lora)
-    return ExportedLora(path, ckpt.path, ckpt.global_step, weights, layout, modules, kind)  # type: ignore[arg-type]
+        te_lora = (text_encoder_adapter_weights(model.text_encoder)
+                   if has_adapter(model.text_encoder) else {})  # fmt: skip
+        path = write_lora(out, lora, layout, to_diffusers, metadata,  # type: ignore[arg-type]
+                          text_encoder=te_lora or None)  # fmt: skip
+        modules, te_modules = len(lora), len(te_lora)
+    return ExportedLora(path, ckpt.path, ckpt.global_step, weights, layout, modules, kind,  # type: ignore[arg-type]
+                        te_modules)  # fmt: skip

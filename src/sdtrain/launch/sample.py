@@ -66,7 +66,7 @@ from sdtrain.models.adapters.original import (
 )
 from sdtrain.models.conditioning import conditioning_component
 from sdtrain.models.config import ModelConfig
-from sdtrain.models.lora import apply_lora_file, merge_adapter
+from sdtrain.models.lora import apply_lora_file, has_adapter, merge_adapter
 from sdtrain.models.midas import MIDAS_CONFIGS, MiDaS, build_midas, read_midas_weights
 from sdtrain.models.sampling import check_size, image_to_image, sample_images, size_multiple
 from sdtrain.models.stable_diffusion import StableDiffusion
@@ -411,7 +411,8 @@ def sample_to_file(
 
     ``size`` defaults to the run's training image size (``data.image.size``; 512 for a bare
     model config); ``seed`` None draws one (reported in the result so it can be repeated).
-    ``lora`` (a kohya- or diffusers-layout file) is merged into the UNet at ``lora_scale``.
+    ``lora`` (a kohya- or diffusers-layout file) is merged into the UNet at ``lora_scale``, its
+    text-encoder part (if any) into the text encoder.
     An x4 upscaler takes ``image`` (the low-res picture, at its own size, which sets the output
     size: 4x) and ``noise_level`` (default ``model.upscale.noise_level``). A depth model
     takes ``image`` for depth-to-image (``depth_to_image``): ``strength``, ``depth``.
@@ -468,7 +469,10 @@ def _build(
     model = source.build(device)
     if lora is not None:
         merge_adapter(model.unet)  # a LoRA run's own adapter first, then the file's
-        apply_lora_file(model.unet, str(lora), lora_scale)
+        if has_adapter(model.text_encoder):  # ... on the text encoder too
+            merge_adapter(model.text_encoder)
+        # a text-encoder part (lora_te_* / text_encoder.* keys) goes into the text encoder
+        apply_lora_file(model.unet, str(lora), lora_scale, text_encoder=model.text_encoder)
     return model
 
 

@@ -128,8 +128,9 @@ def _check_fsdp(cfg: ExperimentConfig) -> None:
 
 def _check_text_encoder_training(cfg: ExperimentConfig) -> None:
     """Where ``finetune.train_text_encoder`` cannot work: cached caption embeddings (made by the
-    frozen encoder), FSDP (it keeps the text encoder whole and frozen on every rank) and modes
-    whose prompt does not steer the image (the x4 upscaler)."""
+    frozen encoder), FSDP (it keeps the text encoder whole and frozen on every rank), modes
+    whose prompt does not steer the image (the x4 upscaler); with a LoRA, text-encoder targets
+    that match nothing and adapter kinds other than LoRA."""
     key = "finetune.train_text_encoder"
     if cfg.data.text_embeddings:
         raise ConfigError(
@@ -145,6 +146,10 @@ def _check_text_encoder_training(cfg: ExperimentConfig) -> None:
             "the text encoder frozen and whole on every rank); use ddp or deepspeed_stage_2",
             key=key,
         )
+    if cfg.finetune.method == "lora":  # every text-encoder target matches; a LoRA only
+        from sdtrain.models.lora import check_text_encoder_targets
+
+        check_text_encoder_targets(cfg.model.text_encoder, cfg.finetune.lora)
     component = conditioning_component(cfg.model.conditioning)
     if not component.trains_text_encoder:
         raise ConfigError(

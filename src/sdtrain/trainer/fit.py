@@ -29,7 +29,8 @@ from sdtrain.config.loader import to_dict, to_yaml
 from sdtrain.data.buckets import BucketSet
 from sdtrain.errors import CheckpointError, ConfigError, WriteError
 from sdtrain.models.adapters.diffusers import read_model_weights
-from sdtrain.models.lora import add_adapter
+from sdtrain.models.adapters.lora import lora_file_parts
+from sdtrain.models.lora import add_adapter, add_text_encoder_adapter
 from sdtrain.models.stable_diffusion import StableDiffusion
 from sdtrain.trainer.checkpoints import (
     AtomicCheckpointIO,
@@ -226,6 +227,8 @@ def build_module(cfg: ExperimentConfig) -> LatentDiffusionModule:
             cfg.init_from,
         )
     if cfg.finetune.method == "lora":
+        if cfg.init_lora and not cfg.finetune.train_text_encoder:
+            refuse_text_encoder_part(cfg.init_lora)
         # Only the adapter trains; its EMA starts from the adapter, not the file's EMA UNet.
         targets = add_adapter(model.unet, cfg.finetune.lora, cfg.init_lora)
         ema_init = None
@@ -244,6 +247,16 @@ def build_module(cfg: ExperimentConfig) -> LatentDiffusionModule:
     return module
 
 
+def refuse_text_encoder_part(init_lora: str) -> None:
+    """A LoRA file with a text-encoder part continues a run that trained the text encoder."""
+    if "text_encoder" in lora_file_parts(init_lora):
+        raise ConfigError(
+            f"{init_lora} holds a text-encoder adapter (lora_te_* / text_encoder.* keys), which "
+            "this run would leave out: set finetune.train_text_encoder=true to continue it too",
+            key="init_lora",
+        )
+
+
 def train_text_encoder(model: StableDiffusion, cfg: ExperimentConfig) -> None:
     """``finetune.train_text_encoder``: every used weight of the text encoder trains (``full``),
     or an adapter on it (``lora``, from ``init_lora``'s text-encoder part when it has one)."""
@@ -252,10 +265,9 @@ def train_text_encoder(model: StableDiffusion, cfg: ExperimentConfig) -> None:
         encoder.train_weights()
         log.info("text encoder: its weights train")
         return
-    raise ConfigError(
-        "with finetune.method=lora is not available yet (a LoRA on the text encoder)",
-        key="finetune.train_text_encoder",
-    )
+    targets = add_text_encoder_adapter(encoder, cfg.finetune.lora, cfg.init_lora)
+    encoder.follow_train_mode()  # the adapter's dropout acts in training
+    log.info("lora on %d text encoder modules", len(targets))
 
 
 def build_loggers(cfg: ExperimentConfig, folder: Path) -> list[Logger]:
