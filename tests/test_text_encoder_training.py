@@ -147,6 +147,22 @@ def test_captions_and_dropped_captions_see_the_current_encoder(trains: bool) -> 
         assert grad is not None and grad.abs().max() > 0
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_training_text_encoder_stays_float32_under_frozen_dtype(method: str) -> None:
+    from sdtrain.models.stable_diffusion import StableDiffusion
+    from sdtrain.trainer.fit import train_text_encoder
+
+    experiment = "tiny-base" if method == "full" else "tiny-lora-te"
+    cfg = load_config([EXPERIMENTS / f"{experiment}.yaml"], ["finetune.train_text_encoder=true"])
+    model = StableDiffusion(cfg.model)
+    train_text_encoder(model, cfg)
+    model.hold_frozen_in(torch.bfloat16)
+    assert model.frozen_dtype == torch.bfloat16
+    assert {p.dtype for p in model.text_encoder.parameters()} == {torch.float32}
+    trained = {n for n, p in model.text_encoder.named_parameters() if p.requires_grad}
+    assert trained and all(("lora_" in n) == (method == "lora") for n in trained)
+
+
 # ---------------------------------------------------------------------------------------------
 # Full fine-tuning with the text encoder
 # ---------------------------------------------------------------------------------------------
