@@ -1,7 +1,7 @@
 """``sdtrain demo --quick`` end to end: the run folder it leaves, the filters at work, the
 interrupted-and-resumed stage, and whether the tiny models learned what the prompts say.
 
-The quick demo runs once per module (about 2.5 minutes on 2 CPU cores); every check after it
+The quick demo runs once per module (about 4.3 minutes on 2 idle CPU cores); every check after it
 reads its files or samples from its exported checkpoints with fixed seeds.
 """
 
