@@ -4,9 +4,6 @@ LoRA / inpainting runs, and kill + resume bit-identity with prior preservation."
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from test_lora import base_file, lora_cfg, shards  # noqa: F401  (fixtures)
-from test_training import env, fit_command, in_process_cfg, metrics, run_fit
+from test_training import fit_command, in_process_cfg, kill_at_checkpoint, metrics, run_fit
 
 from sdtrain.errors import ConfigError
 from sdtrain.trainer.experiment import load_config
@@ -238,15 +235,8 @@ def test_dreambooth_sigkill_and_resume_is_bit_identical(
     straight = tmp_path / "straight"
     run_fit("tiny-dreambooth-lora", shards, straight, *steps)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(fit_command("tiny-dreambooth-lora", shards, killed, *steps),
-                               env=env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
     target = killed / "checkpoints" / "step=00000002.ckpt"
-    deadline = time.monotonic() + 300
-    while not target.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_at_checkpoint(fit_command("tiny-dreambooth-lora", shards, killed, *steps), target)
     assert target.exists(), "the run never reached its step-2 checkpoint"
     assert not (killed / "checkpoints" / "step=00000006.ckpt").exists(), "killed too late"
     run_fit("tiny-dreambooth-lora", shards, killed, *steps, "resume=auto")

@@ -6,10 +6,8 @@ resumption (in-process position, and SIGKILL + ``resume=auto`` of a LoRA fit), `
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_training import env
+from test_training import env, kill_at_checkpoint
 
 from sdtrain.data.config import DataConfig, FilterConfig, ImageConfig, MaskConfig
 from sdtrain.data.pipeline import LaionLoader, WorkerPosition, WorkerStream, plan_shards
@@ -402,14 +400,8 @@ def test_sigkill_and_resume_on_a_folder_is_bit_identical(base_file: Path, tmp_pa
                             text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     killed = tmp_path / "killed"
-    process = subprocess.Popen(folder_fit(folder, killed, *steps), env=env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     target = killed / "checkpoints" / "step=00000002.ckpt"
-    deadline = time.monotonic() + 300
-    while not target.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_at_checkpoint(folder_fit(folder, killed, *steps), target)
     assert target.exists(), "the run never reached its step-2 checkpoint"
     assert not (killed / "checkpoints" / "step=00000004.ckpt").exists(), "killed too late"
     result = subprocess.run(folder_fit(folder, killed, *steps, "resume=auto"), env=env(),

@@ -9,17 +9,14 @@ import dataclasses
 import io
 import json
 import os
-import signal
-import subprocess
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from test_training import env, final_weights, fit_command, in_process_cfg, run_fit
+from test_training import final_weights, fit_command, in_process_cfg, kill_at_checkpoint, run_fit
 
 from sdtrain.data.latents import MOMENTS, RECORD, LatentRecord
 from sdtrain.data.pipeline import LaionLoader
@@ -330,14 +327,8 @@ def test_sigkill_and_resume_on_latents_is_bit_identical(
     straight = tmp_path / "straight"
     run_fit("tiny-inpainting", shards, straight, *steps)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(fit_command("tiny-inpainting", shards, killed, *steps), env=env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     target = killed / "checkpoints" / "step=00000002.ckpt"
-    deadline = time.monotonic() + 300
-    while not target.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_at_checkpoint(fit_command("tiny-inpainting", shards, killed, *steps), target)
     assert target.exists(), "the run never reached its step-2 checkpoint"
     assert not (killed / "checkpoints" / "step=00000006.ckpt").exists(), "killed too late"
     run_fit("tiny-inpainting", shards, killed, *steps, "resume=auto")
@@ -350,9 +341,9 @@ def test_sigkill_and_resume_on_latents_is_bit_identical(
 def test_bench_latents_step_skips_the_encoders() -> None:
     """bench/train_step.py's latents row: the same step on cached latents and embeddings costs
     the UNet's FLOPs alone (base) or the UNet's plus the masked image's encode (inpainting)."""
-    from test_bench_train_step import _load_bench
+    from bench_support import load_bench
 
-    bench = _load_bench()
+    bench = load_bench("train_step")
     argv = ["--preset", "tiny-cpu", "--pixels", "32", "--batch-size", "2", "--iters", "1",
             "--warmup", "0", "--matmul-size", "64", "--threads", "1"]  # fmt: skip
     report = bench.main(argv)
