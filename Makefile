@@ -28,8 +28,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
+# Two workers (pytest-xdist): most tests keep one core busy (subprocess start-ups, single-thread
+# fits, waits); tests/conftest.py keeps a module on one worker and the SLURM modules together.
+TEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/unet_step.py
