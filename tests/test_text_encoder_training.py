@@ -89,6 +89,16 @@ def test_text_encoder_training_is_refused_where_it_cannot_work(
     assert "finetune.train_text_encoder" in text and named in text
 
 
+def test_first_stage_training_refuses_it(tmp_path: Path) -> None:
+    from sdtrain.trainer.first_stage import train_first_stage
+
+    cfg = in_process_cfg("tiny-base", str(tmp_path), tmp_path / "run",
+                         "finetune.train_text_encoder=true")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"finetune\.train_text_encoder"):
+        train_first_stage(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
     [("finetune.lora.kind=loha", "finetune.lora.kind"),

@@ -140,6 +140,12 @@ def train_first_stage(
     write the original-layout checkpoint into the run folder and measure the latent scale."""
     from sdtrain.trainer.fit import build_loggers, finish_loggers, run_dir
 
+    if cfg.finetune.train_text_encoder:
+        raise ConfigError(
+            "makes no sense here: first-stage training trains the autoencoder alone (the text "
+            "encoder is written with it as initialised); set finetune.train_text_encoder=false",
+            key="finetune.train_text_encoder",
+        )
     warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
     folder = run_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
