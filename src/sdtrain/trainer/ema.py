@@ -24,7 +24,8 @@ FSDP_PREFIX = "_fsdp_wrapped_module."
 
 @dataclass
 class EMAConfig:
-    """The EMA of the UNet used for sampling, validation and export."""
+    """The EMA of the UNet used for sampling, validation and export. A text encoder that trains
+    (``finetune.train_text_encoder``) is not averaged: it is used and exported as trained."""
 
     enabled: bool = True
     """Keep an EMA copy of the UNet."""
