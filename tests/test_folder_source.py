@@ -364,17 +364,9 @@ def test_a_fit_with_data_loss_mask_weighs_the_loss_by_the_files(
 def base_file(tmp_path_factory) -> Path:
     """A tiny base model whose UNet is not fresh (a fresh zero output conv passes no gradient
     back to a LoRA)."""
-    from sdtrain.models.adapters.original import write_checkpoint
-    from sdtrain.models.stable_diffusion import StableDiffusion
+    from test_lora import write_tiny_base
 
-    cfg = load_config([EXPERIMENTS / "tiny-base.yaml"])
-    torch.manual_seed(0)
-    model = StableDiffusion(cfg.model)
-    with torch.no_grad():
-        for p in model.unet.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    path = tmp_path_factory.mktemp("folder-base") / "base.safetensors"
-    return write_checkpoint(path, **model.original_parts())
+    return write_tiny_base(tmp_path_factory.mktemp("folder-base") / "base.safetensors")
 
 
 def folder_fit(folder: Path, run_dir: Path, *overrides: str) -> list[str]:

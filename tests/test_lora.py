@@ -208,10 +208,10 @@ def test_lora_files_that_do_not_fit_are_refused_by_name(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def base_file(tmp_path_factory) -> Path:
-    """A tiny base model whose UNet is not fresh: a fresh one's zero output conv passes no
-    gradient back, so a LoRA on it could never learn (a LoRA always starts from a trained model)."""
+def write_tiny_base(path: Path) -> Path:
+    """Write the tiny base model (tiny-base.yaml, seed 0) with its UNet's weights nudged off
+    their init to ``path``: a fresh UNet's zero output conv passes no gradient back to a LoRA or
+    the text encoder. Shared by the fine-tuning tests' base-model fixtures."""
     from sdtrain.models.adapters.original import write_checkpoint
     from sdtrain.models.stable_diffusion import StableDiffusion
 
@@ -221,8 +221,14 @@ def base_file(tmp_path_factory) -> Path:
     with torch.no_grad():
         for p in model.unet.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    path = tmp_path_factory.mktemp("lora-base") / "base.safetensors"
     return write_checkpoint(path, **model.original_parts())
+
+
+@pytest.fixture(scope="module")
+def base_file(tmp_path_factory) -> Path:
+    """A tiny base model whose UNet is not fresh: a fresh one's zero output conv passes no
+    gradient back, so a LoRA on it could never learn (a LoRA always starts from a trained model)."""
+    return write_tiny_base(tmp_path_factory.mktemp("lora-base") / "base.safetensors")
 
 
 def lora_cfg(experiment: str, shards: str, run: Path, base: Path, *overrides: str):

@@ -33,17 +33,9 @@ def shards(tmp_path_factory) -> str:
 def base_file(tmp_path_factory) -> Path:
     """A tiny base model whose UNet is not fresh: a fresh one's zero output conv passes no
     gradient back to the text encoder."""
-    from sdtrain.models.adapters.original import write_checkpoint
-    from sdtrain.models.stable_diffusion import StableDiffusion
+    from test_lora import write_tiny_base
 
-    cfg = load_config([EXPERIMENTS / "tiny-base.yaml"])
-    torch.manual_seed(0)
-    model = StableDiffusion(cfg.model)
-    with torch.no_grad():
-        for p in model.unet.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    path = tmp_path_factory.mktemp("te-base") / "base.safetensors"
-    return write_checkpoint(path, **model.original_parts())
+    return write_tiny_base(tmp_path_factory.mktemp("te-base") / "base.safetensors")
 
 
 # weight_decay 0: whatever moves the text encoder's weights is a gradient that reached them
